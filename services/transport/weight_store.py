@@ -1,0 +1,416 @@
+"""The weight store: policy versions as safetensors plus a manifest, on disk or over HTTP.
+
+Layout of a store directory::
+
+    v00000007/model.safetensors   the tensors of version 7
+    v00000007/manifest.json       version, step, file sha256 and size, every tensor's name/shape/dtype
+    LATEST                        the newest complete version number
+
+A version appears only whole: it is written into a temporary directory, fsynced, then renamed;
+``LATEST`` is replaced the same way. Readers verify the manifest (its sha256 is what the trainer
+announces on the bus), the file's sha256, and that the safetensors header matches the manifest,
+before a single tensor is used. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "LATEST"
+MANIFEST_FORMAT = 1
+_VERSION_DIR = re.compile(r"^v(\d{8})$")
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
+_CHUNK = 1 << 20
+
+
+class WeightStoreError(ValueError):
+    """A version that is missing, partial, corrupt or inconsistent; the message says which."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    step: int
+    created_at: float
+    file_sha256: str
+    file_bytes: int
+    tensors: tuple[TensorEntry, ...]
+
+    def to_json(self) -> bytes:
+        body = {
+            "format": MANIFEST_FORMAT,
+            "version": self.version,
+            "step": self.step,
+            "created_at": self.created_at,
+            "file": WEIGHTS_FILE,
+            "file_sha256": self.file_sha256,
+            "file_bytes": self.file_bytes,
+            "tensors": [
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors
+            ],
+        }
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(raw: bytes) -> Manifest:
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise WeightStoreError(f"manifest is not JSON: {exc}") from None
+        try:
+            if body["format"] != MANIFEST_FORMAT:
+                raise WeightStoreError(f"unsupported manifest format {body['format']!r}")
+            tensors = []
+            for t in body["tensors"]:
+                shape = tuple(int(d) for d in t["shape"])
+                if t["dtype"] not in _DTYPES or any(d < 0 for d in shape):
+                    raise WeightStoreError(f"bad tensor entry {t!r}")
+                tensors.append(TensorEntry(str(t["name"]), shape, str(t["dtype"])))
+            manifest = Manifest(
+                version=int(body["version"]),
+                step=int(body["step"]),
+                created_at=float(body["created_at"]),
+                file_sha256=str(body["file_sha256"]),
+                file_bytes=int(body["file_bytes"]),
+                tensors=tuple(tensors),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, WeightStoreError):
+                raise
+            raise WeightStoreError(f"manifest is malformed: {exc!r}") from None
+        if manifest.version < 0 or not re.fullmatch(r"[0-9a-f]{64}", manifest.file_sha256):
+            raise WeightStoreError("manifest has a negative version or a malformed sha256")
+        return manifest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def version_dir(store: str | Path, version: int) -> Path:
+    return Path(store) / f"v{version:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def list_versions(store: str | Path) -> list[int]:
+    """Complete versions in the store, oldest first (temporary directories are ignored)."""
+    root = Path(store)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _VERSION_DIR.match(child.name)
+        if m and (child / MANIFEST_FILE).is_file():
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def latest_version(store: str | Path) -> int | None:
+    """The newest complete version, from ``LATEST`` (falling back to a directory scan)."""
+    pointer = Path(store) / LATEST_FILE
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        version = int(pointer.read_text().strip())
+        if (version_dir(store, version) / MANIFEST_FILE).is_file():
+            return version
+    versions = list_versions(store)
+    return versions[-1] if versions else None
+
+
+def write_version(
+    store: str | Path,
+    version: int,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    step: int = 0,
+    keep: int = 3,
+) -> tuple[Path, str]:
+    """Write one version atomically; return its directory and the sha256 of its manifest."""
+    from safetensors.torch import save_file
+
+    if version < 0:
+        raise WeightStoreError(f"version must be >= 0, got {version}")
+    root = Path(store)
+    root.mkdir(parents=True, exist_ok=True)
+    final = version_dir(root, version)
+    if final.exists():
+        raise WeightStoreError(f"version {version} already exists in {root}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version:08d}-", dir=root))
+    try:
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        weights = tmp / WEIGHTS_FILE
+        save_file(contiguous, str(weights), metadata={"format": "pt", "version": str(version)})
+        with weights.open("rb") as fh:
+            os.fsync(fh.fileno())
+        manifest = Manifest(
+            version=version,
+            step=step,
+            created_at=time.time(),
+            file_sha256=sha256_file(weights),
+            file_bytes=weights.stat().st_size,
+            tensors=tuple(
+                TensorEntry(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                for name, t in sorted(contiguous.items())
+            ),
+        )
+        raw = manifest.to_json()
+        _atomic_write(tmp / MANIFEST_FILE, raw)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write(root / LATEST_FILE, f"{version}\n".encode())
+    prune(root, keep)
+    return final, hashlib.sha256(raw).hexdigest()
+
+
+def prune(store: str | Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` versions (readers verify, so a removed one is refused)."""
+    for version in list_versions(store)[:-keep] if keep > 0 else []:
+        shutil.rmtree(version_dir(store, version), ignore_errors=True)
+
+
+def read_manifest(directory: str | Path, expected_sha256: str | None = None) -> Manifest:
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise WeightStoreError(f"no manifest at {path}: version missing or partial") from None
+    if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise WeightStoreError(f"manifest {path} does not match the announced sha256")
+    return Manifest.from_json(raw)
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as fh:
+        size_raw = fh.read(8)
+        if len(size_raw) != 8:
+            raise WeightStoreError(f"{path} is truncated")
+        size = int.from_bytes(size_raw, "little")
+        if size > 100 << 20:
+            raise WeightStoreError(f"{path} has an implausible header size {size}")
+        try:
+            header: dict[str, Any] = json.loads(fh.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightStoreError(f"{path} has a corrupt safetensors header") from None
+    return header
+
+
+_ST_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def verify_version(directory: str | Path, expected_sha256: str | None = None) -> Manifest:
+    """Check manifest, file size and sha256, and that the file holds exactly the manifest's tensors."""
+    d = Path(directory)
+    manifest = read_manifest(d, expected_sha256)
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise WeightStoreError(f"{weights} is missing")
+    if weights.stat().st_size != manifest.file_bytes:
+        raise WeightStoreError(
+            f"{weights} has {weights.stat().st_size} bytes, manifest says {manifest.file_bytes}"
+        )
+    if sha256_file(weights) != manifest.file_sha256:
+        raise WeightStoreError(f"{weights} does not match its manifest sha256 (corrupt)")
+    header = _safetensors_header(weights)
+    header.pop("__metadata__", None)
+    in_file = {
+        name: TensorEntry(name, tuple(v["shape"]), _ST_DTYPES.get(v["dtype"], v["dtype"]))
+        for name, v in header.items()
+    }
+    if in_file != {t.name: t for t in manifest.tensors}:
+        raise WeightStoreError(f"{weights} does not hold the tensors its manifest lists")
+    return manifest
+
+
+def check_compatible(manifest: Manifest, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    """Refuse a version whose names or shapes differ from the model being served."""
+    got = {t.name: t.shape for t in manifest.tensors}
+    want = {name: shape for name, (shape, _dtype) in expected.items()}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    wrong = sorted(n for n in set(got) & set(want) if tuple(got[n]) != tuple(want[n]))
+    if missing or extra or wrong:
+        raise WeightStoreError(
+            f"version {manifest.version} does not fit the served model: "
+            f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shape {wrong[:5]}"
+        )
+
+
+def load_tensors(directory: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Verify a version, then load its tensors (safetensors: no code runs on load)."""
+    from safetensors.torch import load_file
+
+    verify_version(directory, expected_sha256)
+    return load_file(str(Path(directory) / WEIGHTS_FILE))
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def fetch_version(
+    base_url: str,
+    version: int,
+    cache_dir: str | Path,
+    expected_sha256: str | None = None,
+    timeout_s: float = 60.0,
+) -> Path:
+    """Download a version from a trainer's weight server into ``cache_dir`` and verify it."""
+    import httpx
+
+    cache = Path(cache_dir)
+    final = version_dir(cache, version)
+    if final.is_dir():
+        with contextlib.suppress(WeightStoreError):
+            verify_version(final, expected_sha256)
+            return final
+        shutil.rmtree(final, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".fetch-v{version:08d}-", dir=cache))
+    base = base_url.rstrip("/")
+    try:
+        with httpx.Client(timeout=timeout_s) as client:
+            for name in (MANIFEST_FILE, WEIGHTS_FILE):
+                url = f"{base}/versions/{version}/{name}"
+                with client.stream("GET", url) as resp:
+                    if resp.status_code != 200:
+                        raise WeightStoreError(f"GET {url} answered {resp.status_code}")
+                    with (tmp / name).open("wb") as fh:
+                        for chunk in resp.iter_bytes(_CHUNK):
+                            fh.write(chunk)
+        verify_version(tmp, expected_sha256)
+        os.rename(tmp, final)
+    except httpx.HTTPError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WeightStoreError(f"cannot fetch version {version} from {base}: {exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+class _StoreHandler(BaseHTTPRequestHandler):
+    store: Path
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence access logs
+        return
+
+    def do_GET(self) -> None:
+        parts = [p for p in self.path.split("?")[0].split("/") if p]
+        if parts == ["versions", "latest"]:
+            latest = latest_version(self.store)
+            if latest is None:
+                self._send(404, b'{"error": "no version yet"}', "application/json")
+                return
+            self._send(200, json.dumps({"version": latest}).encode(), "application/json")
+            return
+        if (
+            len(parts) == 3
+            and parts[0] == "versions"
+            and parts[1].isdigit()
+            and parts[2] in (MANIFEST_FILE, WEIGHTS_FILE)
+        ):
+            path = version_dir(self.store, int(parts[1])) / parts[2]
+            if path.is_file():
+                self._send_file(path)
+                return
+        self._send(404, b'{"error": "not found"}', "application/json")
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_file(self, path: Path) -> None:
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError:  # pruned between the check and the open
+            self._send(404, b'{"error": "pruned"}', "application/json")
+            return
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            shutil.copyfileobj(fh, self.wfile, _CHUNK)
+
+
+class WeightServer:
+    """Serves a store read-only over HTTP so replicas on other hosts need no shared volume."""
+
+    def __init__(self, store: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        handler = type("Handler", (_StoreHandler,), {"store": Path(store)})
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> WeightServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
