@@ -39,11 +39,15 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: str = Field("arithmetic", min_length=1, description="Task / verifier name in the registry.")
+    name: str = Field(
+        "arithmetic", min_length=1, description="Task / verifier name in the registry."
+    )
     dataset: str = Field(
         "builtin:arithmetic", description="JSONL/parquet path, or builtin:NAME for a built-in task."
     )
-    eval_dataset: str = Field("", description="Held-out set; empty means the task's built-in split.")
+    eval_dataset: str = Field(
+        "", description="Held-out set; empty means the task's built-in split."
+    )
     max_reward: float = Field(1.0, gt=0.0, le=1e6, description="Maximum reward of one rollout.")
     success_threshold: float | None = Field(
         None, description="Reward counted as success; None means >= max_reward."
@@ -99,7 +103,9 @@ class OptimConfig(_Section):
 class TrainerConfig(_Section):
     steps: int = Field(100, ge=0, le=10_000_000, description="Optimiser steps to run.")
     prompts_per_step: int = Field(32, ge=1, le=65536, description="Groups consumed per step.")
-    in_flight: int = Field(96, ge=1, le=1_000_000, description="Max prompts outstanding on the bus.")
+    in_flight: int = Field(
+        96, ge=1, le=1_000_000, description="Max prompts outstanding on the bus."
+    )
     max_staleness: int = Field(2, ge=0, le=1000, description="Max policy versions behind.")
     stale_policy: Literal["drop", "correct"] = Field(
         "correct", description="Too-stale groups: drop, or keep with truncated IS correction."

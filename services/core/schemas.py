@@ -9,6 +9,7 @@ an input from the network, and :func:`decode` validates every field before anyth
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -338,7 +339,7 @@ def _decode_weights(d: dict[str, Any]) -> WeightAnnouncement:
     )
 
 
-_DECODERS = {
+_DECODERS: Final[dict[str, Callable[[dict[str, Any]], Message]]] = {
     KIND_PROMPT: _decode_prompt,
     KIND_SCORED_GROUP: _decode_scored_group,
     KIND_WEIGHTS: _decode_weights,
@@ -363,7 +364,9 @@ def decode(data: bytes, expect: str | None = None) -> Message:
     version = body.get("v")
     kind = body.get("kind")
     if version != SCHEMA_VERSION:
-        raise SchemaError(f"unsupported schema version {version!r} (this build reads {SCHEMA_VERSION})")
+        raise SchemaError(
+            f"unsupported schema version {version!r} (this build reads {SCHEMA_VERSION})"
+        )
     if kind not in _DECODERS:
         raise SchemaError(f"unknown message kind {kind!r}")
     if expect is not None and kind != expect:

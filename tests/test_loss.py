@@ -1,0 +1,271 @@
+"""Policy loss: a hand-computed batch, clipping, aggregation, KL, truncated IS, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.core.loss import aggregate, kl_penalty, policy_loss
+
+NAN = math.nan
+INF = math.inf
+
+
+def hand_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two sequences of three tokens; the last token of the second one is padding.
+
+    Ratios are chosen so that every clip case appears once (clip_low 0.2, clip_high 0.3,
+    dual clip 3):
+
+    seq 0, A = +1, ratios 1.0, 1.5, 0.5 -> pg = max(-r, -clamp(r, 0.8, 1.3))
+        1.0: -1.0        1.5: max(-1.5, -1.3) = -1.3 (high clip)     0.5: max(-0.5, -0.8) = -0.5
+    seq 1, A = -2, ratios 0.5, 4.0, pad -> pg = max(2r, 2 clamp(r, 0.8, 1.3)), then min(., 6)
+        0.5: max(1.0, 1.6) = 1.6 (low clip)   4.0: max(8.0, 2.6) = 8.0 -> min(8, 6) = 6 (dual)
+    token_mean = (-1 - 1.3 - 0.5 + 1.6 + 6) / 5 = 4.8 / 5 = 0.96
+    """
+    ratios = torch.tensor([[1.0, 1.5, 0.5], [0.5, 4.0, 1.0]], dtype=torch.float64)
+    old = torch.tensor([[-1.0, -0.7, -2.0], [-0.4, -3.0, NAN]], dtype=torch.float64)
+    logprobs = old + ratios.log()
+    logprobs[1, 2] = -INF  # padding may hold anything
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    return logprobs.requires_grad_(True), old, advantages, mask
+
+
+def test_hand_computed_loss_and_clip_metrics() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    out = policy_loss(logprobs, old, adv, mask)
+    assert out.loss.item() == pytest.approx(0.96, abs=1e-12)
+    m = out.metrics
+    assert m["clip_frac_high"] == pytest.approx(1 / 5)
+    assert m["clip_frac_low"] == pytest.approx(1 / 5)
+    assert m["dual_clip_frac"] == pytest.approx(1 / 5)
+    assert m["clip_frac"] == pytest.approx(3 / 5)
+    assert m["ratio_mean"] == pytest.approx((1.0 + 1.5 + 0.5 + 0.5 + 4.0) / 5)
+    assert m["ratio_min"] == pytest.approx(0.5) and m["ratio_max"] == pytest.approx(4.0)
+    assert m["pg_loss"] == pytest.approx(0.96)
+    assert m["kl"] == 0.0 and m["kl_loss"] == 0.0
+    assert m["tis_weight_mean"] == 1.0 and m["tis_clip_frac"] == 0.0
+    assert all(math.isfinite(v) for v in m.values())
+
+
+def test_hand_computed_gradient_is_zero_exactly_where_a_clip_acts() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    policy_loss(logprobs, old, adv, mask).loss.backward()
+    # Unclipped tokens: d(-A r)/d logp = -A r, divided by the 5 tokens of token_mean.
+    expected = torch.tensor([[-1.0 / 5, 0.0, -0.5 / 5], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert logprobs.grad is not None
+    torch.testing.assert_close(logprobs.grad, expected)
+
+
+def test_without_dual_clip_the_negative_advantage_token_is_unbounded() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    out = policy_loss(logprobs, old, adv, mask, dual_clip=None)
+    # The 4.0-ratio token now costs 8 instead of 6: (-2.8 + 1.6 + 8) / 5.
+    assert out.loss.item() == pytest.approx(6.8 / 5)
+    assert out.metrics["dual_clip_frac"] == 0.0
+    assert out.metrics["clip_frac"] == pytest.approx(2 / 5)
+    out.loss.backward()
+    assert logprobs.grad is not None
+    assert logprobs.grad[1, 1].item() == pytest.approx(2.0 * 4.0 / 5)
+
+
+@pytest.mark.parametrize(
+    ("agg", "expected"),
+    [
+        ("token_mean", 4.8 / 5),
+        ("seq_mean", ((-1.0 - 1.3 - 0.5) / 3 + (1.6 + 6.0) / 2) / 2),
+        ("token_sum", 4.8 / 2),
+    ],
+)
+def test_each_aggregation_on_the_hand_batch(agg: str, expected: float) -> None:
+    logprobs, old, adv, mask = hand_batch()
+    assert policy_loss(logprobs, old, adv, mask, agg=agg).loss.item() == pytest.approx(expected)
+
+
+def test_aggregate_ignores_padding_and_empty_rows() -> None:
+    values = torch.tensor([[1.0, 2.0, NAN], [INF, NAN, -INF], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    assert aggregate(values, mask, "token_mean").item() == pytest.approx(7.0 / 3)
+    # The empty row is left out of the sequence mean rather than counted as 0.
+    assert aggregate(values, mask, "seq_mean").item() == pytest.approx((1.5 + 4.0) / 2)
+    # token_sum divides by all 3 rows: a constant normaliser.
+    assert aggregate(values, mask, "token_sum").item() == pytest.approx(7.0 / 3)
+    empty = torch.zeros(3, 3, dtype=torch.bool)
+    for agg in ("token_mean", "seq_mean", "token_sum"):
+        assert aggregate(values, empty, agg).item() == 0.0
+    with pytest.raises(ValueError, match="unknown agg"):
+        aggregate(values, mask, "mean")
+
+
+def test_kl_estimators_by_hand() -> None:
+    logp = torch.tensor([math.log(2.0), -math.log(2.0), 0.0, 0.0])
+    ref = torch.tensor([0.0, 0.0, 30.0, -30.0])
+    k1 = kl_penalty(logp, ref, "k1")
+    torch.testing.assert_close(k1, torch.tensor([math.log(2), -math.log(2), -30.0, 30.0]))
+    k3 = kl_penalty(logp, ref, "k3")
+    # exp(ref - logp) - (ref - logp) - 1
+    assert k3[0].item() == pytest.approx(0.5 + math.log(2) - 1)
+    assert k3[1].item() == pytest.approx(2.0 - math.log(2) - 1)
+    assert k3[3].item() == pytest.approx(math.exp(-30) + 30 - 1)
+    low = kl_penalty(logp, ref, "low_var_kl")
+    torch.testing.assert_close(low[:2], k3[:2])
+    assert low[2].item() == 10.0 and low[3].item() == 10.0  # clamped, as in verl
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError, match="unknown kl_type"):
+        kl_penalty(logp, ref, "k2")
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k3", "low_var_kl"])
+def test_kl_term_adds_coef_times_aggregated_kl_and_reports_per_token_mean(kl_type: str) -> None:
+    logprobs, old, adv, mask = hand_batch()
+    ref = old.clone()
+    ref[1, 2] = NAN  # padding in the reference too
+    out = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, kl_type=kl_type)
+    kl = kl_penalty(logprobs.detach(), old, kl_type)[mask.bool()]
+    assert out.metrics["kl"] == pytest.approx(kl.mean().item())
+    assert out.metrics["kl_loss"] == pytest.approx(kl.mean().item())
+    assert out.loss.item() == pytest.approx(0.96 + 0.1 * kl.mean().item())
+    out.loss.backward()
+    assert logprobs.grad is not None and torch.isfinite(logprobs.grad).all()
+    assert logprobs.grad[1, 2].item() == 0.0
+
+
+def test_k1_kl_gradient_is_coef_over_token_count() -> None:
+    logprobs = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    out = policy_loss(
+        logprobs,
+        logprobs.detach(),
+        torch.zeros(2),
+        mask,
+        ref_logprobs=torch.full((2, 4), -1.0),
+        kl_coef=0.5,
+        kl_type="k1",
+    )
+    out.loss.backward()
+    assert logprobs.grad is not None
+    torch.testing.assert_close(logprobs.grad, 0.5 / 6 * mask.float())
+
+
+def test_reference_without_kl_coef_is_monitored_but_not_in_the_loss() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    out = policy_loss(logprobs, old, adv, mask, ref_logprobs=old - 1.0, kl_type="k1")
+    assert out.loss.item() == pytest.approx(0.96)
+    assert out.metrics["kl"] == pytest.approx(
+        1.0 + sum(math.log(r) for r in (1.5, 0.5, 0.5, 4)) / 5
+    )
+
+
+def test_truncated_is_weights_multiply_token_losses_and_are_capped() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    # exp(old - behaviour) = 3 (capped at 2), 0.5, 1, 1, 1, and padding that must not count.
+    behaviour = old - torch.tensor(
+        [[math.log(3.0), math.log(0.5), 0.0], [0.0, 0.0, 50.0]], dtype=torch.float64
+    )
+    out = policy_loss(logprobs, old, adv, mask, behaviour_logprobs=behaviour, tis_cap=2.0)
+    # Token losses -1, -1.3, -0.5, 1.6, 6 weighted by 2, 0.5, 1, 1, 1.
+    assert out.loss.item() == pytest.approx((-2.0 - 0.65 - 0.5 + 1.6 + 6.0) / 5)
+    assert out.metrics["tis_weight_mean"] == pytest.approx((2.0 + 0.5 + 1 + 1 + 1) / 5)
+    assert out.metrics["tis_clip_frac"] == pytest.approx(1 / 5)
+    out.loss.backward()
+    assert logprobs.grad is not None
+    # The weight is a constant: it scales the token's gradient (-A r / 5) and nothing else.
+    assert logprobs.grad[0, 0].item() == pytest.approx(2.0 * -1.0 / 5)
+
+
+def test_truncated_is_is_off_without_a_cap() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    out = policy_loss(logprobs, old, adv, mask, behaviour_logprobs=old - 3.0, tis_cap=None)
+    assert out.loss.item() == pytest.approx(0.96)
+    assert out.metrics["tis_weight_mean"] == 1.0
+
+
+def test_on_policy_gradient_is_minus_advantage_over_tokens() -> None:
+    logprobs = torch.randn(3, 5, dtype=torch.float64).requires_grad_(True)
+    adv = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64)
+    mask = torch.ones(3, 5)
+    out = policy_loss(logprobs, logprobs.detach(), adv, mask)
+    assert out.metrics["clip_frac"] == 0.0 and out.metrics["ratio_mean"] == 1.0
+    out.loss.backward()
+    assert logprobs.grad is not None
+    torch.testing.assert_close(logprobs.grad, (-adv / 15)[:, None].expand(3, 5))
+
+
+def test_empty_rows_and_empty_batches_give_finite_loss_and_gradients() -> None:
+    logprobs = torch.full((2, 3), -1.0, requires_grad=True)
+    mask = torch.tensor([[0, 0, 0], [1, 1, 0]])
+    for agg in ("token_mean", "seq_mean", "token_sum"):
+        out = policy_loss(logprobs, logprobs.detach(), torch.tensor([1.0, 1.0]), mask, agg=agg)
+        assert math.isfinite(out.loss.item())
+    none = torch.zeros(2, 3)
+    out = policy_loss(
+        logprobs,
+        logprobs.detach(),
+        torch.tensor([1.0, -1.0]),
+        none,
+        ref_logprobs=logprobs.detach() + 1,
+        kl_coef=0.1,
+    )
+    assert out.loss.item() == 0.0
+    assert out.metrics["ratio_mean"] == 1.0 and out.metrics["clip_frac"] == 0.0
+    assert all(math.isfinite(v) for v in out.metrics.values())
+    out.loss.backward()
+    assert logprobs.grad is not None and torch.equal(logprobs.grad, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)])
+def test_a_batch_without_rows_or_columns_gives_zero_loss(shape: tuple[int, int]) -> None:
+    logprobs = torch.zeros(shape, requires_grad=True)
+    out = policy_loss(logprobs, torch.zeros(shape), torch.zeros(shape[0]), torch.ones(shape))
+    assert out.loss.item() == 0.0
+    assert out.metrics["ratio_min"] == 1.0 and out.metrics["clip_frac"] == 0.0
+    out.loss.backward()
+
+
+def test_large_log_ratios_do_not_overflow() -> None:
+    logprobs = torch.tensor([[0.0, -200.0]], requires_grad=True)
+    old = torch.tensor([[-200.0, 0.0]])
+    out = policy_loss(logprobs, old, torch.tensor([-1.0]), torch.ones(1, 2))
+    assert math.isfinite(out.loss.item())
+    out.loss.backward()
+    assert logprobs.grad is not None and torch.isfinite(logprobs.grad).all()
+
+
+def test_advantages_and_old_logprobs_get_no_gradient() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    old = old.clone().requires_grad_(True)
+    adv = adv.clone().requires_grad_(True)
+    policy_loss(logprobs, old, adv, mask).loss.backward()
+    assert old.grad is None and adv.grad is None
+    assert logprobs.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"advantages": torch.zeros(3)}, "advantages must be"),
+        ({"mask": torch.ones(2, 4)}, "mask has shape"),
+        ({"agg": "mean"}, "unknown agg"),
+        ({"kl_type": "k2"}, "unknown kl_type"),
+        ({"kl_coef": 0.1}, "needs ref_logprobs"),
+        ({"dual_clip": 1.0}, "dual_clip must be"),
+        ({"clip_low": 1.0}, "clip_low"),
+        ({"tis_cap": 0.0}, "tis_cap must be"),
+        ({"ref_logprobs": torch.zeros(2, 2)}, "ref_logprobs has shape"),
+    ],
+)
+def test_bad_arguments_are_rejected_with_a_clear_message(
+    kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {
+        "logprobs": torch.zeros(2, 3),
+        "old_logprobs": torch.zeros(2, 3),
+        "advantages": torch.zeros(2),
+        "mask": torch.ones(2, 3),
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        policy_loss(**args)  # type: ignore[arg-type]
