@@ -279,7 +279,9 @@ def verify_version(directory: str | Path, expected_sha256: str | None = None) ->
     return manifest
 
 
-def check_compatible(manifest: Manifest, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+def check_compatible(
+    manifest: Manifest, expected: Mapping[str, tuple[tuple[int, ...], str]]
+) -> None:
     """Refuse a version whose names or shapes differ from the model being served."""
     got = {t.name: t.shape for t in manifest.tensors}
     want = {name: shape for name, (shape, _dtype) in expected.items()}
@@ -293,7 +295,9 @@ def check_compatible(manifest: Manifest, expected: Mapping[str, tuple[tuple[int,
         )
 
 
-def load_tensors(directory: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+def load_tensors(
+    directory: str | Path, expected_sha256: str | None = None
+) -> dict[str, torch.Tensor]:
     """Verify a version, then load its tensors (safetensors: no code runs on load)."""
     from safetensors.torch import load_file
 
@@ -348,7 +352,7 @@ def fetch_version(
 class _StoreHandler(BaseHTTPRequestHandler):
     store: Path
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence access logs
+    def log_message(self, format: str, *args: Any) -> None:  # silence access logs
         return
 
     def do_GET(self) -> None:

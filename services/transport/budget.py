@@ -1,0 +1,166 @@
+"""Back-pressure: the trainer keeps at most K prompts in flight.
+
+A prompt is *in flight* from the moment it is published until its scored group is read by the
+trainer (or it is given up on: dead-lettered by the inference side). The count is kept as a
+set of prompt ids, so a duplicate group cannot free a slot twice.
+
+The source of truth is the streams themselves: a prompt is in flight exactly when it is
+unacknowledged in the inference group of the prompts stream, or its group sits in the rollouts
+stream not yet delivered to the trainer. The rollout worker appends a group *before* acking
+its prompt, so reading the prompts side first and the rollouts side second misses nothing.
+:meth:`PromptProducer.restore` rebuilds the set this way after a trainer restart (also
+counting groups the previous run read but never acked, since they will be read again), and
+:meth:`PromptProducer.reconcile` does it while running, which also frees the slots of prompts
+dead-lettered on the inference side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from services.core.config import BusConfig
+from services.core.schemas import PromptMessage
+from services.transport.base import Bus, BusError, Delivery
+from services.transport.names import INFERENCE_GROUP, TRAINER_GROUP
+
+
+class InFlightBudget:
+    """At most ``limit`` prompt ids outstanding; ``settle`` frees a slot once per id."""
+
+    def __init__(self, limit: int, outstanding: Iterable[str] = ()) -> None:
+        if limit < 1:
+            raise ValueError("the in-flight limit must be >= 1")
+        self.limit = limit
+        self._ids: set[str] = set(outstanding)
+        self._changed = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._ids)
+
+    def room(self) -> int:
+        """How many more prompts may be published now."""
+        return max(self.limit - len(self._ids), 0)
+
+    def outstanding(self) -> frozenset[str]:
+        return frozenset(self._ids)
+
+    def add(self, prompt_id: str) -> None:
+        if prompt_id in self._ids:
+            return
+        if not self.room():
+            raise BusError(f"in-flight budget of {self.limit} prompts is full")
+        self._ids.add(prompt_id)
+
+    def settle(self, prompt_id: str) -> bool:
+        """The prompt came back (or was given up on); False if it was not outstanding."""
+        if prompt_id not in self._ids:
+            return False
+        self._ids.discard(prompt_id)
+        self._changed.set()
+        return True
+
+    def replace(self, outstanding: Iterable[str]) -> None:
+        self._ids = set(outstanding)
+        self._changed.set()
+
+    async def wait_for_room(self, timeout: float | None = None) -> int:
+        """Wait until at least one slot is free (or ``timeout`` passes); returns the room."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self.room():
+            self._changed.clear()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                break
+        return self.room()
+
+
+class PromptProducer:
+    """Publishes prompts within an :class:`InFlightBudget` and settles returning groups."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        budget: InFlightBudget,
+        *,
+        prompts_stream: str,
+        rollouts_stream: str,
+        prompts_group: str = INFERENCE_GROUP,
+        rollouts_group: str = TRAINER_GROUP,
+    ) -> None:
+        self.bus = bus
+        self.budget = budget
+        self.prompts_stream = prompts_stream
+        self.rollouts_stream = rollouts_stream
+        self.prompts_group = prompts_group
+        self.rollouts_group = rollouts_group
+
+    @classmethod
+    async def restore(cls, bus: Bus, config: BusConfig, limit: int) -> PromptProducer:
+        """Create both consumer groups if needed and rebuild the in-flight set from the
+        streams (see the module docstring); the way a trainer starts, fresh or resumed."""
+        producer = cls(
+            bus,
+            InFlightBudget(limit),
+            prompts_stream=config.prompts_stream,
+            rollouts_stream=config.rollouts_stream,
+        )
+        await bus.ensure_group(producer.prompts_stream, producer.prompts_group)
+        await bus.ensure_group(producer.rollouts_stream, producer.rollouts_group)
+        producer.budget.replace(await producer._outstanding(include_read=True))
+        return producer
+
+    async def reconcile(self) -> int:
+        """Recount the in-flight set from the streams; returns how many slots it freed.
+
+        Call it from the task that reads the groups (not concurrently with it), e.g. every
+        few steps: prompts dead-lettered by the inference side are only noticed this way.
+        """
+        before = self.budget.in_flight
+        self.budget.replace(await self._outstanding(include_read=False))
+        return max(before - self.budget.in_flight, 0)
+
+    async def publish(self, prompts: Sequence[PromptMessage]) -> list[str]:
+        """Publish prompts that fit the budget (all or none); returns their entry ids."""
+        fresh = [p for p in prompts if p.prompt_id not in self.budget.outstanding()]
+        if len({p.prompt_id for p in fresh}) > self.budget.room():
+            raise BusError(
+                f"{len(fresh)} prompts do not fit the in-flight budget "
+                f"({self.budget.in_flight}/{self.budget.limit}); publish at most room() of them"
+            )
+        ids = await self.bus.publish_many(self.prompts_stream, fresh)
+        for p in fresh:
+            self.budget.add(p.prompt_id)
+        return ids
+
+    async def fill(self, prompts: Iterator[PromptMessage]) -> int:
+        """Publish from ``prompts`` until the budget is full; returns how many were published.
+        Draws no more items from the iterator than it publishes."""
+        batch: list[PromptMessage] = []
+        for _ in range(self.budget.room()):
+            nxt = next(prompts, None)
+            if nxt is None:
+                break
+            batch.append(nxt)
+        if batch:
+            await self.publish(batch)
+        return len(batch)
+
+    def returned(self, deliveries: Iterable[Delivery[Any]]) -> int:
+        """Settle the prompts whose groups were just read; returns how many slots freed."""
+        return sum(self.budget.settle(d.message_id) for d in deliveries)
+
+    async def _outstanding(self, *, include_read: bool) -> set[str]:
+        limit = 10 * self.budget.limit + 1000
+        prompts = await self.bus.unacked(self.prompts_stream, self.prompts_group, limit)
+        groups = await self.bus.unacked(self.rollouts_stream, self.rollouts_group, limit)
+        ids = {d.message_id for d in prompts}
+        ids |= {d.message_id for d in groups if include_read or d.delivery_count == 0}
+        return ids
