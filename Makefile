@@ -9,7 +9,7 @@ LOCK ?= requirements/cpu.lock
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck unit proto proto-check bench clean
+.PHONY: install run test lint typecheck unit proto proto-check bench lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,13 +40,18 @@ unit: $(STAMP)
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iservices/reward/rpc=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/reward.proto
+	$(PY) -m services.reward.protogen
 
 proto-check: $(STAMP)
 	$(PY) -m services.reward.protogen --check
 
 bench: $(STAMP)
 	$(VENV)/bin/mapo bench advantages
+
+# Re-pin the whole tree from the current environment (after changing dependencies).
+lock:
+	{ echo "# Whole dependency tree of mapo-rl for CPU machines (make lock). Installed with --no-deps."; \
+	  $(PIP) freeze --exclude-editable | grep -v -E '^(-e |mapo-rl)'; } > $(LOCK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

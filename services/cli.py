@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--host", default=None, help="bind address (default from config)")
     rs.add_argument("--port", type=int, default=None, help="port; 0 picks a free one")
     rs.add_argument("--workers", type=int, default=None, help="verifier worker processes")
+    rs.add_argument(
+        "--metrics-port", type=int, default=None, help="Prometheus /metrics port; 0 off"
+    )
 
     inference = sub.add_parser("inference", help="The vLLM inference service.")
     isub = inference.add_subparsers(dest="inference_command", metavar="ACTION", required=True)
@@ -94,15 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="Benchmarks (print their figures).")
     bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
-    ba = _command(bsub, "advantages", "services.benchmarks.advantages:main", "Advantage throughput.")
+    ba = _command(
+        bsub, "advantages", "services.benchmarks.advantages:main", "Advantage throughput."
+    )
     ba.add_argument("--groups", type=int, default=100_000)
     ba.add_argument("--group-size", type=int, default=12)
     bb = _command(bsub, "bus", "services.benchmarks.bus:main", "Scored groups/s vs raw XADD.")
     bb.add_argument("--messages", type=int, default=5000)
-    br = _command(bsub, "reward", "services.benchmarks.reward:main", "Completions scored per second.")
+    br = _command(
+        bsub, "reward", "services.benchmarks.reward:main", "Completions scored per second."
+    )
     br.add_argument("--completions", type=int, default=2000)
-    _command(bsub, "inference", "services.benchmarks.inference:main", "Service vs engine tokens/s.")
-    _command(bsub, "reload", "services.benchmarks.reload:main", "Weight reload latency vs memcpy.")
+    bi = _command(
+        bsub, "inference", "services.benchmarks.inference:main", "Service vs engine tokens/s."
+    )
+    bi.add_argument("--model", default=None, help="model directory (default: build --size)")
+    bi.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model to build")
+    bi.add_argument("--prompts", type=int, default=32)
+    bi.add_argument("--group-size", type=int, default=8)
+    bi.add_argument("--max-tokens", type=int, default=64)
+    bi.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
+    bl = _command(
+        bsub, "reload", "services.benchmarks.reload:main", "Weight reload latency vs memcpy."
+    )
+    bl.add_argument("--sizes", default="tiny,50m", help="model presets, comma-separated")
+    bl.add_argument("--repeats", type=int, default=5, help="reloads timed per model")
     _command(bsub, "trainer", "services.benchmarks.trainer:main", "Trainer tokens/s per step.")
 
     cfg = _command(sub, "config", "services.cli:show_config", "Print the effective config.")

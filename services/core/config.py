@@ -87,8 +87,13 @@ class AlgorithmConfig(_Section):
     @model_validator(mode="after")
     def _dapo_defaults(self) -> AlgorithmConfig:
         # 'dapo' is GRPO advantages + dynamic sampling + clip-higher + no KL (the DAPO recipe).
+        # Explicitly set fields win: only the ones left at their defaults take DAPO's values.
         if self.estimator == "dapo":
             object.__setattr__(self, "dapo_filter", True)
+            if "clip_high" not in self.model_fields_set:
+                object.__setattr__(self, "clip_high", 0.28)
+            if "kl_coef" not in self.model_fields_set:
+                object.__setattr__(self, "kl_coef", 0.0)
         return self
 
 
@@ -115,6 +120,11 @@ class TrainerConfig(_Section):
     eval_every: int = Field(0, ge=0, le=1_000_000, description="Steps between evals; 0 off.")
     run_dir: str = Field("runs/default", description="Checkpoints, weights and logs go here.")
     weights_port: int = Field(0, ge=0, le=65535, description="HTTP port serving weights; 0 off.")
+    weights_host: str = Field("127.0.0.1", description="Bind address of the weight server.")
+    weights_url: str = Field(
+        "", description="URL replicas fetch weights from; empty: http://<host>:<weights_port>."
+    )
+    publish_every: int = Field(1, ge=1, le=1_000_000, description="Steps between weight versions.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 off.")
     device: str = Field("auto", description="auto, cpu or cuda[:N].")
     seed: int = Field(0, ge=0, description="Torch seed.")
@@ -139,6 +149,12 @@ class RewardConfig(_Section):
     max_completion_bytes: int = Field(65536, ge=1, le=16 << 20, description="Reject larger.")
     max_group: int = Field(1024, ge=1, le=65536, description="Max completions per ScoreBatch.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 off.")
+    worker_memory_mib: int = Field(
+        1024, ge=0, le=1 << 20, description="Address-space cap per verifier worker (MiB); 0 off."
+    )
+    task_modules: list[str] = Field(
+        default_factory=list, description="Modules imported at start that register user tasks."
+    )
 
 
 class InferenceConfig(_Section):
