@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bl.add_argument("--sizes", default="tiny,50m", help="model presets, comma-separated")
     bl.add_argument("--repeats", type=int, default=5, help="reloads timed per model")
-    _command(bsub, "trainer", "services.benchmarks.trainer:main", "Trainer tokens/s per step.")
+    bt = _command(bsub, "trainer", "services.benchmarks.trainer:main", "Trainer tokens/s per step.")
+    bt.add_argument("--sizes", default="tiny,50m", help="model presets, comma-separated")
+    bt.add_argument("--steps", type=int, default=3, help="timed steps per size (after 1 warm-up)")
 
     cfg = _command(sub, "config", "services.cli:show_config", "Print the effective config.")
     cfg.add_argument("--json", action="store_true", help="as JSON instead of TOML-like text")

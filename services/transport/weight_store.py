@@ -211,9 +211,23 @@ def write_version(
 
 
 def prune(store: str | Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` versions (readers verify, so a removed one is refused)."""
-    for version in list_versions(store)[:-keep] if keep > 0 else []:
-        shutil.rmtree(version_dir(store, version), ignore_errors=True)
+    """Remove all but the newest ``keep`` versions (readers verify, so a removed one is refused).
+
+    A version is renamed out of sight before it is deleted: a writer killed halfway through a
+    deletion leaves a hidden directory (removed by the next prune), never a visible version
+    with files missing.
+    """
+    root = Path(store)
+    for version in list_versions(root)[:-keep] if keep > 0 else []:
+        d = version_dir(root, version)
+        trash = root / f".trash-{d.name}-{os.getpid()}"
+        try:
+            os.rename(d, trash)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+    for leftover in root.glob(".trash-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def read_manifest(directory: str | Path, expected_sha256: str | None = None) -> Manifest:
@@ -256,7 +270,17 @@ _ST_DTYPES = {
 
 
 def verify_version(directory: str | Path, expected_sha256: str | None = None) -> Manifest:
-    """Check manifest, file size and sha256, and that the file holds exactly the manifest's tensors."""
+    """Check manifest, file size and sha256, and that the file holds exactly the manifest's tensors.
+
+    A version pruned while it is being checked is reported as missing, like any other.
+    """
+    try:
+        return _verify_version(Path(directory), expected_sha256)
+    except FileNotFoundError as exc:
+        raise WeightStoreError(f"version at {directory} vanished while being read: {exc}") from None
+
+
+def _verify_version(directory: Path, expected_sha256: str | None) -> Manifest:
     d = Path(directory)
     manifest = read_manifest(d, expected_sha256)
     weights = d / WEIGHTS_FILE

@@ -1,0 +1,310 @@
+"""Atomic checkpoints: the model, the optimiser, the RNGs and the run state, whole or not at all.
+
+Layout under ``{run_dir}/checkpoints``::
+
+    step_00000010/model/             the policy as an HF model directory (safetensors)
+    step_00000010/optimizer.safetensors   AdamW moments, keyed by parameter name
+    step_00000010/rng.safetensors    torch (and CUDA) RNG states, the random-lambda generator
+    step_00000010/state.json         step, version, dataset position, counters, the applied-group
+                                     ledger, optimiser hyper-parameters, sha256 of every file
+    LATEST                           the newest step (a hint; the directory scan decides)
+
+A checkpoint is written into a hidden temporary directory, every file fsynced, then renamed into
+place, so a reader (or a resumed run after ``kill -9``) sees either the whole checkpoint or none
+of it. ``state.json`` lists the sha256 of every other file and :func:`latest_checkpoint` checks
+them, falling back to an older checkpoint if the newest is damaged. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+MODEL_DIR = "model"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+LATEST_FILE = "LATEST"
+FORMAT = 1
+KEEP = 2
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged or does not fit the model; says which."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new content only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def _param_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters, in the order the optimiser was built with."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, names: list[str]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Optimiser moments as named tensors, and its hyper-parameter groups as JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, slots in sd["state"].items():
+        for key, value in slots.items():
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{names[idx]}::{key}"] = t.detach().cpu().contiguous()
+    groups = []
+    for g in sd["param_groups"]:
+        group = {k: v for k, v in g.items() if k != "params"}
+        group["params"] = [names[i] for i in g["params"]]
+        groups.append(group)
+    return tensors, groups
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    tensors: dict[str, torch.Tensor],
+    groups: list[dict[str, Any]],
+) -> None:
+    index = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, slot = key.rpartition("::")
+        if name not in index:
+            raise CheckpointError(f"optimiser state for unknown parameter {name}")
+        state.setdefault(index[name], {})[slot] = value
+    param_groups = []
+    for g in groups:
+        missing = [n for n in g["params"] if n not in index]
+        if missing:
+            raise CheckpointError(f"optimiser group names unknown parameters {missing[:3]}")
+        param_groups.append({**g, "params": [index[n] for n in g["params"]]})
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    if generator is not None:
+        out["lambda"] = generator.get_state()
+    return out
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [
+            tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors
+        ]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    if generator is not None and "lambda" in tensors:
+        generator.set_state(tensors["lambda"])
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / f"step_{step:08d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+    keep: int = KEEP,
+) -> Path:
+    """Write the checkpoint of ``step`` atomically and prune all but the newest ``keep``."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(run_dir, step)
+    if final.exists():
+        raise CheckpointError(f"checkpoint {final} already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root))
+    try:
+        model.save_pretrained(str(tmp / MODEL_DIR), safe_serialization=True)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / MODEL_DIR))
+        names = _param_names(model)
+        opt_tensors, opt_groups = optimizer_state(optimizer, names)
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        save_file(rng_state(generator), str(tmp / RNG_FILE))
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync(path)
+            files[str(path.relative_to(tmp))] = _sha256(path)
+        body = {
+            "format": FORMAT,
+            "step": step,
+            "state": state,
+            "optimizer_groups": opt_groups,
+            "files": files,
+        }
+        atomic_write_json(tmp / STATE_FILE, body)
+        _fsync(tmp / MODEL_DIR)
+        os.rename(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(root / LATEST_FILE, f"{step}\n".encode())
+    prune(run_dir, keep)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[int]:
+    """Steps with a checkpoint directory (complete by construction), oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / STATE_FILE).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Remove old checkpoints and temporary directories a killed writer left behind."""
+    root = checkpoint_root(run_dir)
+    for step in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        # Out of sight first: a kill during the deletion must not leave a visible checkpoint
+        # with files missing.
+        trash = root / f".trash-step_{step:08d}-{os.getpid()}"
+        try:
+            os.rename(step_dir(run_dir, step), trash)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+    for child in [*root.glob(".tmp-step_*"), *root.glob(".trash-*")]:
+        # One trainer writes a run directory, and its own temporary directory is renamed
+        # before it prunes: what is left was abandoned by a killed writer.
+        shutil.rmtree(child, ignore_errors=True)
+
+
+def read_state(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """``state.json`` of a checkpoint, after checking every file against its sha256."""
+    d = Path(path)
+    try:
+        body: dict[str, Any] = json.loads((d / STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{d} has no readable {STATE_FILE}: {exc}") from None
+    if body.get("format") != FORMAT:
+        raise CheckpointError(f"{d}: unsupported checkpoint format {body.get('format')!r}")
+    if verify:
+        for rel, sha in body["files"].items():
+            try:
+                digest = _sha256(d / rel)
+            except FileNotFoundError:
+                raise CheckpointError(f"{d}: {rel} is missing") from None
+            if digest != sha:
+                raise CheckpointError(f"{d}: {rel} does not match its sha256 (damaged)")
+    return body
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; older ones are tried if a newer one is damaged."""
+    for step in reversed(list_checkpoints(run_dir)):
+        path = step_dir(run_dir, step)
+        try:
+            read_state(path)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+            continue
+        return path
+    return None
+
+
+def load_training_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Restore optimiser moments and RNGs into live objects; return the saved run state.
+
+    The model's weights are loaded separately from ``path/model`` (an HF directory), so the
+    policy is built exactly as a fresh run builds it.
+    """
+    d = Path(path)
+    body = read_state(d, verify=False)
+    names = _param_names(model)
+    device = next(model.parameters()).device
+    # AdamW keeps its step counters on the CPU unless it runs in capturable mode.
+    tensors = {
+        k: v if k.endswith("::step") else v.to(device)
+        for k, v in load_file(str(d / OPTIMIZER_FILE)).items()
+    }
+    load_optimizer_state(optimizer, names, tensors, body["optimizer_groups"])
+    set_rng_state(load_file(str(d / RNG_FILE)), generator)
+    state: dict[str, Any] = body["state"]
+    return state

@@ -1,0 +1,166 @@
+"""The trainer's prompts: loaded from a file or a built-in task, issued in a resumable order.
+
+Sources (``task.dataset``): ``builtin:NAME`` (a built-in task's train split, or its held-out split
+for evaluation); a ``.jsonl`` / ``.json`` file; a ``.parquet`` file (needs ``pyarrow``); a
+directory written by ``datasets.save_to_disk`` (needs ``datasets``). Every record needs
+``prompt`` and ``answer``; ``task`` defaults to ``task.name`` and ``id`` to the record's index.
+
+The order is a pure function of the seed and the position: epoch ``e`` visits the examples in
+``shuffle(range(n), seed + e)``, so a checkpoint stores just ``(epoch, index)`` and a resumed run
+issues the same prompts under the same ids as the run it replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.core.tasks import Example, load_builtin
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read or has unusable records; the message says which."""
+
+
+def _records_to_examples(
+    records: Iterable[Mapping[str, Any]], task: str, where: str
+) -> list[Example]:
+    out: list[Example] = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise DatasetError(f"{where}: record {i} is not an object")
+        missing = [k for k in ("prompt", "answer") if k not in rec]
+        if missing:
+            raise DatasetError(f"{where}: record {i} lacks {missing} (needs prompt and answer)")
+        prompt, answer = rec["prompt"], rec["answer"]
+        if not isinstance(prompt, str) or not prompt:
+            raise DatasetError(f"{where}: record {i} has an empty or non-text prompt")
+        out.append(
+            Example(
+                id=str(rec.get("id", i)),
+                prompt=prompt,
+                answer=str(answer),
+                task=str(rec.get("task") or task),
+            )
+        )
+    if not out:
+        raise DatasetError(f"{where}: no records")
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{lineno}: not JSON: {exc}") from None
+    return records
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+    return rows
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(
+            f"{path}: reading a saved dataset needs the datasets package (pip install datasets)"
+        ) from None
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DatasetError(f"{path}: no split '{split}'; it has {sorted(loaded)}")
+        loaded = loaded[split]
+    return [dict(r) for r in loaded]
+
+
+def load_examples(spec: str, task: str, seed: int = 0, split: str = "train") -> list[Example]:
+    """Examples of ``spec`` (see the module docstring); ``split`` picks a built-in's half."""
+    if spec.startswith("builtin:"):
+        built = load_builtin(spec.removeprefix("builtin:"), seed)
+        return list(built.train if split == "train" else built.eval)
+    path = Path(spec)
+    if not path.exists():
+        raise DatasetError(f"dataset {spec} not found (a path, or builtin:NAME)")
+    if path.is_dir():
+        return _records_to_examples(_read_saved_dataset(path, split), task, spec)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _records_to_examples(_read_jsonl(path), task, spec)
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return _records_to_examples(data if isinstance(data, list) else [data], task, spec)
+    if suffix == ".parquet":
+        return _records_to_examples(_read_parquet(path), task, spec)
+    raise DatasetError(f"dataset {spec}: unknown format (use .jsonl, .json, .parquet or builtin:)")
+
+
+def eval_examples(dataset: str, eval_dataset: str, task: str, seed: int) -> list[Example]:
+    """The held-out set: ``eval_dataset`` when given, else a built-in task's held-out split."""
+    if eval_dataset:
+        return load_examples(eval_dataset, task, seed, split="test")
+    if dataset.startswith("builtin:"):
+        return load_examples(dataset, task, seed, split="eval")
+    return []
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the next prompt comes from: ``index`` within the shuffled order of ``epoch``."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Position:
+        return Position(int(d["epoch"]), int(d["index"]))
+
+
+class PromptOrder:
+    """Endless deterministic iteration over examples; ``position`` is all the state there is."""
+
+    def __init__(self, examples: list[Example], seed: int, position: Position = Position()):
+        if not examples:
+            raise DatasetError("the dataset is empty")
+        self.examples = examples
+        self.seed = seed
+        self.position = position
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    def _order_of(self, epoch: int) -> list[int]:
+        if epoch != self._order_epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order, self._order_epoch = order, epoch
+        return self._order
+
+    def __iter__(self) -> Iterator[tuple[Position, Example]]:
+        return self
+
+    def __next__(self) -> tuple[Position, Example]:
+        """The example at the current position, then advance past it."""
+        pos = self.position
+        if pos.index >= len(self.examples):
+            pos = Position(pos.epoch + 1, 0)
+        example = self.examples[self._order_of(pos.epoch)[pos.index]]
+        self.position = Position(pos.epoch, pos.index + 1)
+        return pos, example

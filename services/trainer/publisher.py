@@ -1,0 +1,138 @@
+"""Weight publication: each policy version into the weight store, then announced on the bus.
+
+A version holds exactly the tensors of the base checkpoint's safetensors files (same names, same
+shapes; with tied embeddings there is no ``lm_head.weight``), because that is what an inference
+replica checks before it reloads. Tensors are cast to the serving dtype: float32 on the CPU,
+bfloat16 on CUDA. ``write_version`` makes a version appear whole or not at all and keeps the
+newest ``keep``; the announcement goes out only after the version is on disk, so a replica that
+acts on it always finds it. With ``trainer.weights_port`` set, the trainer also serves the store
+over HTTP and announces that URL, so replicas on other hosts need no shared volume.
+
+Versions only grow. A fresh run publishes the initial model as version 0 and then one version
+per ``publish_every`` steps (version == step with the default of 1). A resumed run publishes the
+restored model as a version above every version already in the store, because a killed run may
+have published versions the restored model never saw: reusing their numbers would leave
+replicas that loaded them on weights that no longer exist.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from services.core.config import RunConfig
+from services.core.schemas import WeightAnnouncement
+from services.transport.base import Bus
+from services.transport.weight_store import WeightServer, latest_version, write_version
+
+TensorSpec = dict[str, tuple[int, ...]]
+
+
+def base_tensor_spec(model_dir: str | Path) -> TensorSpec:
+    """Names and shapes of every tensor in a model directory's safetensors file(s)."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (d / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{d} has no model.safetensors: the policy must be in safetensors")
+    spec: TensorSpec = {}
+    for name in files:
+        with safe_open(str(d / name), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                spec[key] = tuple(fh.get_slice(key).get_shape())
+    return spec
+
+
+def serving_tensors(
+    model: nn.Module, spec: Mapping[str, tuple[int, ...]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The model's tensors named in ``spec``, cast to ``dtype``; refuses any mismatch."""
+    state = model.state_dict()
+    missing = sorted(set(spec) - set(state))
+    wrong = sorted(n for n in spec if n in state and tuple(state[n].shape) != tuple(spec[n]))
+    if missing or wrong:
+        raise ValueError(
+            f"the policy does not fit the base checkpoint: missing {missing[:5]}, "
+            f"wrong shape {wrong[:5]}"
+        )
+    return {name: state[name].detach().to("cpu", dtype=dtype) for name in spec}
+
+
+def advertised_url(config: RunConfig, port: int) -> str:
+    """Where replicas reach the weight server: the configured URL, else this host and port."""
+    if config.trainer.weights_url:
+        return config.trainer.weights_url.rstrip("/")
+    host = config.trainer.weights_host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://{host}:{port}"
+
+
+class WeightPublisher:
+    """Writes versions to the store, announces them, and serves the store over HTTP if asked."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        bus: Bus,
+        spec: TensorSpec,
+        dtype: torch.dtype,
+    ) -> None:
+        store = config.weights.store
+        if store.startswith(("http://", "https://")):
+            raise ValueError(
+                f"weights.store={store} is a URL; the trainer writes the store, so it must be a "
+                "directory (replicas may read it over HTTP via trainer.weights_port)"
+            )
+        self.store = Path(store)
+        self.keep = config.trainer.keep_versions
+        self.stream = config.bus.weights_stream
+        self.bus = bus
+        self.spec = spec
+        self.dtype = dtype
+        self.server: WeightServer | None = None
+        self.base_url: str | None = None
+        if config.trainer.weights_port > 0:
+            self.server = WeightServer(
+                self.store, config.trainer.weights_host, config.trainer.weights_port
+            ).start()
+            self.base_url = advertised_url(config, self.server.port)
+
+    def next_version_after_restart(self, restored: int) -> int:
+        """A version number no replica can have seen: above the checkpoint and the store."""
+        newest = latest_version(self.store)
+        return max(restored, -1 if newest is None else newest) + 1
+
+    def write(self, model: nn.Module, version: int, step: int) -> tuple[str, str]:
+        """Write one version (blocking: run it in a thread); return (location, manifest sha)."""
+        tensors = serving_tensors(model, self.spec, self.dtype)
+        directory, sha = write_version(self.store, version, tensors, step=step, keep=self.keep)
+        location = self.base_url or str(directory.resolve())
+        return location, sha
+
+    async def announce(self, version: int, location: str, sha: str, step: int) -> None:
+        await self.bus.publish(
+            self.stream,
+            WeightAnnouncement(
+                version=version,
+                location=location,
+                manifest_sha256=sha,
+                step=step,
+                created_at=time.time(),
+            ),
+        )
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
