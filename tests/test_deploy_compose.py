@@ -1,0 +1,312 @@
+"""docker-compose.yml, deploy/compose.env and the Dockerfiles.
+
+The compose file is validated by Debian's docker-compose 1.29 (``config -q``), the oldest
+implementation users run; the resolved configuration is then checked for what the stack needs
+(builds, healthchecks on real endpoints, dependency conditions, GPU reservations, profiles,
+the shared weight volume). Service commands are parsed by the real ``mapo`` argument parser.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.cli import build_parser
+from services.core.config import build_config
+from tests.test_deploy_tools import DEPLOY, REPO, binary, run
+
+COMPOSE = REPO / "docker-compose.yml"
+ENV_FILE = "deploy/compose.env"
+MAPO_SERVICES = ("reward", "model", "trainer-cpu", "inference-cpu", "trainer-gpu", "inference-gpu")
+PINNED = ("prometheus", "grafana")
+
+
+def compose(*args: str) -> subprocess.CompletedProcess[str]:
+    return run([binary("docker-compose"), "-f", str(COMPOSE), *args])
+
+
+def env_file() -> dict[str, str]:
+    out = {}
+    for line in (REPO / ENV_FILE).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict[str, Any]:
+    """The configuration as docker-compose resolves it (anchors, env_file, profiles merged)."""
+    out = compose("config")
+    assert out.returncode == 0, out.stderr
+    data: dict[str, Any] = yaml.safe_load(out.stdout)
+    return data
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    return data
+
+
+def mounts(svc: dict[str, Any]) -> set[tuple[str, str]]:
+    """(source, target) of every volume, from the short form (1.29) or the long form (v2)."""
+    out = set()
+    for v in svc.get("volumes", []):
+        if isinstance(v, dict):
+            out.add((str(v["source"]), str(v["target"])))
+        else:
+            source, target = v.split(":")[:2]
+            out.add((source, target))
+    return out
+
+
+def test_compose_config_is_valid() -> None:
+    out = compose("config", "-q")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stderr.strip() == "", out.stderr  # no warnings (e.g. unset variables)
+
+
+def test_compose_rejects_what_1_29_rejects(tmp_path: Path) -> None:
+    """The validator is real: a service-level `gpus:` (compose v2 only) fails config -q."""
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text("services:\n  x:\n    image: busybox:1.36\n    gpus: all\n")
+    out = run([binary("docker-compose"), "-f", str(bad), "config", "-q"])
+    assert out.returncode != 0
+
+
+def test_no_keys_that_compose_1_29_rejects(raw: dict[str, Any]) -> None:
+    assert "name" not in raw and "include" not in raw and "version" not in raw
+    for name, svc in raw["services"].items():
+        assert "gpus" not in svc and "develop" not in svc, name
+        assert "start_interval" not in svc.get("healthcheck", {}), name
+        env_files = svc.get("env_file", [])
+        env_files = [env_files] if isinstance(env_files, str) else env_files
+        assert all(isinstance(f, str) for f in env_files), f"{name}: long-form env_file"
+
+
+@pytest.mark.parametrize(
+    ("profile", "services"),
+    [
+        (
+            "cpu",
+            {"redis", "reward", "model", "trainer-cpu", "inference-cpu", "prometheus", "grafana"},
+        ),
+        (
+            "gpu",
+            {"redis", "reward", "model", "trainer-gpu", "inference-gpu", "prometheus", "grafana"},
+        ),
+    ],
+)
+def test_profiles(resolved: dict[str, Any], profile: str, services: set[str]) -> None:
+    active = {
+        name
+        for name, svc in resolved["services"].items()
+        if not svc.get("profiles") or profile in svc["profiles"]
+    }
+    assert active == services
+    out = compose("--profile", profile, "config", "-q")
+    assert out.returncode == 0, out.stderr
+
+
+def test_images_are_built_or_pinned(resolved: dict[str, Any]) -> None:
+    """Nothing needs a registry except the two pinned monitoring images."""
+    for name, svc in resolved["services"].items():
+        if name in PINNED:
+            assert "build" not in svc
+            assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", svc["image"]), svc["image"]
+            continue
+        build = svc["build"]
+        assert Path(build["context"]) == REPO, name
+        assert (REPO / build["dockerfile"]).is_file(), build["dockerfile"]
+        assert "image" in svc  # tagged, so services share one build
+
+
+def test_one_env_file(resolved: dict[str, Any]) -> None:
+    for name, svc in resolved["services"].items():
+        if name == "prometheus":
+            continue
+        # docker-compose inlines env_file into environment; every key of the file is there.
+        assert env_file().items() <= {k: str(v) for k, v in svc["environment"].items()}.items(), (
+            name
+        )
+
+
+def test_env_file_is_a_valid_run_config() -> None:
+    env = env_file()
+    config = build_config(environ=env)  # unknown MAPO__ keys or bad values raise
+    assert config.bus.url == f"redis://:{env['REDIS_PASSWORD']}@redis:6379/0"
+    assert config.reward.address == "reward:50051"
+    assert config.weights.store.startswith(config.trainer.run_dir + "/")
+    assert config.model.path.startswith("/data/")
+    assert config.trainer.metrics_port and config.reward.metrics_port
+    # Replicas share the trainer's volume: versions are announced as directories there.
+    assert config.trainer.weights_port == 0
+
+
+def test_redis_aof_and_authenticated_healthcheck(resolved: dict[str, Any]) -> None:
+    redis = resolved["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    # Compose prints $$ (its escape for a literal $): the shell in the container expands it.
+    assert re.search(r'--requirepass "\$\$?REDIS_PASSWORD"', command), command
+    assert ("redis-data", "/data") in mounts(redis)
+    test = " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli ping" in test and "REDISCLI_AUTH" in test
+
+
+def test_healthchecks_call_the_real_endpoints(resolved: dict[str, Any]) -> None:
+    env = env_file()
+    svcs = resolved["services"]
+    reward = svcs["reward"]["healthcheck"]["test"]
+    assert reward[:4] == ["CMD", "python", "-m", "services.reward.healthcheck"]
+    assert reward[4].endswith(":" + env["MAPO__REWARD__ADDRESS"].split(":")[1])
+    for name in ("inference-cpu", "inference-gpu"):
+        test = " ".join(svcs[name]["healthcheck"]["test"])
+        assert f"'http://127.0.0.1:{env['MAPO__INFERENCE__PORT']}' + p" in test
+        assert "('/live', '/ready')" in test
+    for name in ("trainer-cpu", "trainer-gpu"):
+        test = " ".join(svcs[name]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{env['MAPO__TRAINER__METRICS_PORT']}/metrics" in test
+    for name in ("prometheus", "grafana"):
+        assert "healthcheck" in svcs[name]
+
+
+def test_dependency_conditions(resolved: dict[str, Any]) -> None:
+    svcs = resolved["services"]
+    for kind in ("cpu", "gpu"):
+        inference = svcs[f"inference-{kind}"]["depends_on"]
+        assert inference["redis"]["condition"] == "service_healthy"
+        assert inference["reward"]["condition"] == "service_healthy"
+        assert inference["model"]["condition"] == "service_completed_successfully"
+        # A restarted trainer continues its run (a fresh run dir starts fresh).
+        assert "--resume" in svcs[f"trainer-{kind}"]["command"]
+        trainer = svcs[f"trainer-{kind}"]["depends_on"]
+        assert trainer["redis"]["condition"] == "service_healthy"
+        assert trainer["model"]["condition"] == "service_completed_successfully"
+    assert svcs["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    # Nothing that is always on may depend on a service of one profile.
+    for name, svc in svcs.items():
+        if not svc.get("profiles"):
+            for dep in svc.get("depends_on", {}):
+                assert not svcs[dep].get("profiles"), f"{name} depends on profiled {dep}"
+
+
+def test_gpu_reservations(resolved: dict[str, Any]) -> None:
+    for name, svc in resolved["services"].items():
+        devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        if name.endswith("-gpu"):
+            assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
+            assert svc["build"]["dockerfile"].endswith("Dockerfile.cuda")
+        else:
+            assert devices is None, name
+
+
+def test_shared_weight_volume(resolved: dict[str, Any]) -> None:
+    assert "weights" in resolved["volumes"]
+    for name in MAPO_SERVICES:
+        assert ("weights", "/data") in mounts(resolved["services"][name]), name
+
+
+def test_prometheus_and_grafana_mount_deploy(resolved: dict[str, Any]) -> None:
+    prom = resolved["services"]["prometheus"]
+    assert (str(DEPLOY / "prometheus"), "/etc/prometheus") in mounts(prom)
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+
+
+def _mapo_args(svc: dict[str, Any]) -> list[str] | None:
+    command = svc["command"]
+    if svc.get("entrypoint"):
+        # sh -c "... || exec mapo ARGS": the mapo part.
+        text = " ".join(command)
+        m = re.search(r"exec mapo (.+)$", text)
+        return m.group(1).split() if m else None
+    return list(command)
+
+
+@pytest.mark.parametrize("name", MAPO_SERVICES)
+def test_service_commands_parse(resolved: dict[str, Any], name: str) -> None:
+    """Each command is accepted by the real `mapo` argument parser."""
+    args = _mapo_args(resolved["services"][name])
+    assert args, name
+    build_parser().parse_args(args)
+
+
+def test_inference_has_a_stable_alias(resolved: dict[str, Any]) -> None:
+    for kind in ("cpu", "gpu"):
+        svc = resolved["services"][f"inference-{kind}"]
+        assert svc["networks"]["default"]["aliases"] == ["inference"]
+        svc = resolved["services"][f"trainer-{kind}"]
+        assert svc["networks"]["default"]["aliases"] == ["trainer"]
+
+
+# --- Dockerfiles ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda", "Dockerfile.redis"])
+def test_dockerfile_copies_exist(name: str) -> None:
+    text = (DEPLOY / "docker" / name).read_text(encoding="utf-8")
+    assert text.count("\nFROM ") + text.startswith("FROM ") >= 1
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for m in re.finditer(r"^COPY\s+(.+)$", text, re.M):
+        *sources, _dest = m.group(1).split()
+        for src in sources:
+            assert (REPO / src).exists(), f"{name}: COPY {src}: not in the repository"
+            top = src.strip("/").split("/")[0]
+            assert top not in ignored, f"{name}: COPY {src} is excluded by .dockerignore"
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfile_runs_mapo(name: str) -> None:
+    text = (DEPLOY / "docker" / name).read_text(encoding="utf-8")
+    assert 'ENTRYPOINT ["mapo"]' in text
+    assert "USER mapo" in text
+    assert "python:3.11" in text
+    if name == "Dockerfile.cpu":
+        # `make install`: the whole lock with --no-deps, then the project with --no-deps.
+        assert "--no-deps -r requirements/cpu.lock" in text
+        assert "pip install --no-deps --no-build-isolation ." in text
+    else:
+        assert '".[gpu]"' in text
+
+
+# --- The reward healthcheck the compose file runs ----------------------------------------
+
+
+@pytest.mark.integration
+def test_reward_healthcheck_against_a_real_grpc_health_server() -> None:
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    probe = [sys.executable, "-m", "services.reward.healthcheck", f"127.0.0.1:{port}"]
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        ok = run(probe, timeout=30)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        down = run(probe, timeout=30)
+        assert down.returncode == 1 and "NOT_SERVING" in down.stderr
+        unknown = run([*probe, "--service", "no.such.Service"], timeout=30)
+        assert unknown.returncode == 1
+    finally:
+        server.stop(grace=None)
+    refused = run([*probe, "--timeout", "1"], timeout=30)
+    assert refused.returncode == 1

@@ -1,0 +1,530 @@
+"""deploy/k8s: every overlay rendered by ``kubectl kustomize`` and validated.
+
+Built-in kinds are validated with ``kubernetes-validate --strict`` (offline OpenAPI schemas; an
+unknown field is an error) against the oldest and newest Kubernetes versions the manifests
+target. KEDA's ScaledObject and TriggerAuthentication are custom resources without schemas in
+that tool: they are validated against the schema below, written from KEDA's CRDs
+(keda.sh/v1alpha1, KEDA 2.10+) for the fields this deployment may use, plus the redis-streams
+scaler's documented parameters. The rendered objects are then checked against each other and
+against the services: probes on the ports the commands bind, Services and PDBs that select the
+pods, Secret references, the run config, and the commands parsed by the real ``mapo`` parser.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.cli import build_parser
+from services.core.config import BusConfig, build_config, load_config
+from services.transport.names import INFERENCE_GROUP
+from tests.test_deploy_tools import (
+    K8S,
+    OVERLAYS,
+    PROMETHEUS_DIR,
+    binary,
+    metric_names,
+    run,
+    venv_tool,
+)
+
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+NAMESPACE = "mapo"
+
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_INT = {"type": "integer"}
+_OBJ = {"type": "object"}
+
+SCALED_OBJECT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": {
+            "type": "object",
+            "required": ["name", "namespace"],
+            "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}},
+        },
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "name": {"type": "string"},
+                        "envSourceContainerName": {"type": "string"},
+                    },
+                },
+                "pollingInterval": _INT,
+                "cooldownPeriod": _INT,
+                "initialCooldownPeriod": _INT,
+                "idleReplicaCount": _INT,
+                "minReplicaCount": _INT,
+                "maxReplicaCount": _INT,
+                "fallback": {
+                    "type": "object",
+                    "required": ["failureThreshold", "replicas"],
+                    "properties": {"failureThreshold": _INT, "replicas": _INT},
+                },
+                "advanced": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        "scalingModifiers": _OBJ,
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"name": {"type": "string"}, "behavior": _OBJ},
+                        },
+                    },
+                },
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "metadata"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"type": "string"},
+                            "name": {"type": "string"},
+                            # KEDA's CRD: metadata values are strings (a bare 16 is rejected).
+                            "metadata": _STR_MAP,
+                            "metricType": {"enum": ["Value", "AverageValue", "Utilization"]},
+                            "useCachedMetrics": {"type": "boolean"},
+                            "authenticationRef": {
+                                "type": "object",
+                                "required": ["name"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "kind": {
+                                        "enum": [
+                                            "TriggerAuthentication",
+                                            "ClusterTriggerAuthentication",
+                                        ]
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+TRIGGER_AUTH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "TriggerAuthentication"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["parameter", "name", "key"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "parameter": {"type": "string"},
+                            "name": {"type": "string"},
+                            "key": {"type": "string"},
+                        },
+                    },
+                },
+                "env": {"type": "array"},
+                "configMapTargetRef": {"type": "array"},
+                "podIdentity": _OBJ,
+                "hashiCorpVault": _OBJ,
+                "azureKeyVault": _OBJ,
+                "awsSecretManager": _OBJ,
+                "gcpSecretManager": _OBJ,
+            },
+        },
+    },
+}
+
+# The redis-streams scaler's parameters (KEDA docs, "Redis Streams" scaler).
+REDIS_STREAMS_PARAMETERS = {
+    "address", "host", "port", "addressFromEnv", "hostFromEnv", "portFromEnv",
+    "usernameFromEnv", "passwordFromEnv", "stream", "consumerGroup", "pendingEntriesCount",
+    "streamLength", "lagCount", "activationLagCount", "activationStreamLength",
+    "enableTLS", "unsafeSsl", "databaseIndex",
+}  # fmt: skip
+KEDA_KINDS = {"ScaledObject": SCALED_OBJECT_SCHEMA, "TriggerAuthentication": TRIGGER_AUTH_SCHEMA}
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    out = run([binary("kubectl"), "kustomize", str(path)])
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+_RENDERED: dict[str, list[dict[str, Any]]] = {}
+
+
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    if overlay not in _RENDERED:
+        path = K8S / "base" if overlay == "base" else K8S / "overlays" / overlay
+        _RENDERED[overlay] = kustomize(path)
+    return _RENDERED[overlay]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = find(docs, kind, name)
+    return doc
+
+
+def container(deploy: dict[str, Any], name: str) -> dict[str, Any]:
+    (c,) = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return c
+
+
+def port_number(c: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    (p,) = [p["containerPort"] for p in c.get("ports", []) if p["name"] == port]
+    return int(p)
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def run_config(
+    docs: list[dict[str, Any]], tmp_path: Path, env: dict[str, str] | None = None
+) -> Any:
+    (cm,) = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith("mapo-run")]
+    path = tmp_path / "run.toml"
+    path.write_text(cm["data"]["run.toml"])
+    return load_config(path, environ=env or {})
+
+
+def literal_env(c: dict[str, Any]) -> dict[str, str]:
+    """The container's env with $(VAR) references filled with placeholders, as kubelet would."""
+    env: dict[str, str] = {}
+    for e in c.get("env", []):
+        value = e.get("value", "secret-value" if "valueFrom" in e else "")
+        env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+    return env
+
+
+# --- Rendering and schema validation ------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_kustomize_renders(overlay: str) -> None:
+    docs = rendered(overlay)
+    assert docs
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == NAMESPACE, d["metadata"]["name"]
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mapo-rl"
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_builtin_kinds_validate_strictly(overlay: str, k8s_version: str, tmp_path: Path) -> None:
+    docs = [d for d in rendered(overlay) if d["kind"] not in KEDA_KINDS]
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    out = run([venv_tool("kubernetes-validate"), "--strict", "-k", k8s_version, str(path)])
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "WARN" not in text and "ERROR" not in text, text  # every kind had a schema
+    assert text.count("passed for resource") == len(docs), text
+
+
+def test_strict_validation_is_real(tmp_path: Path) -> None:
+    """An unknown field in a Deployment fails kubernetes-validate --strict."""
+    docs = rendered("cpu")
+    bad = [dict(d) for d in docs if d["kind"] == "Deployment"][:1]
+    bad[0]["spec"] = {**bad[0]["spec"], "replicaz": 2}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump_all(bad))
+    out = run([venv_tool("kubernetes-validate"), "--strict", "-k", K8S_VERSIONS[0], str(path)])
+    assert out.returncode != 0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_objects_match_the_crd_schema(overlay: str) -> None:
+    import jsonschema
+
+    for d in rendered(overlay):
+        if d["kind"] in KEDA_KINDS:
+            jsonschema.validate(d, KEDA_KINDS[d["kind"]])
+
+
+def test_keda_schema_rejects_a_numeric_metadata_value() -> None:
+    import jsonschema
+
+    so = one(rendered("cpu"), "ScaledObject", "inference")
+    bad = yaml.safe_load(yaml.safe_dump(so))
+    bad["spec"]["triggers"][0]["metadata"]["lagCount"] = 16
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, SCALED_OBJECT_SCHEMA)
+
+
+# --- Autoscaling -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_keda_scales_inference_on_prompts_lag(overlay: str, tmp_path: Path) -> None:
+    docs = rendered(overlay)
+    assert not find(docs, "HorizontalPodAutoscaler")
+    so = one(docs, "ScaledObject", "inference")
+    target = so["spec"]["scaleTargetRef"]
+    assert (target.get("kind", "Deployment"), target["name"]) == ("Deployment", "inference")
+    deploy = one(docs, "Deployment", target["name"])
+    assert so["spec"]["minReplicaCount"] >= 1
+    assert so["spec"]["maxReplicaCount"] > so["spec"]["minReplicaCount"]
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "redis-streams"
+    meta = trigger["metadata"]
+    assert set(meta) <= REDIS_STREAMS_PARAMETERS, set(meta) - REDIS_STREAMS_PARAMETERS
+    config = run_config(docs, tmp_path)
+    assert meta["stream"] == config.bus.prompts_stream == BusConfig().prompts_stream
+    assert meta["consumerGroup"] == INFERENCE_GROUP
+    assert int(meta["lagCount"]) > 0 and "activationLagCount" in meta
+    assert "pendingEntriesCount" not in meta and "streamLength" not in meta
+    # addressFromEnv names a variable of the scale target holding host:port of the Redis Service.
+    env = literal_env(container(deploy, "inference"))
+    host, port = env[meta["addressFromEnv"]].split(":")
+    svc = one(docs, "Service", host)
+    assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+    # The password comes from the Secret the services use, through a TriggerAuthentication.
+    auth = one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "password"
+    secret = one(docs, "Secret", ref["name"])
+    assert ref["key"] in secret.get("stringData", secret.get("data", {}))
+    # ...and the same Redis and password the replicas use for the bus.
+    assert env["MAPO__BUS__URL"].startswith(f"redis://:secret-value@{host}:{port}/")
+
+
+def test_hpa_overlay_scales_without_keda() -> None:
+    docs = rendered("hpa")
+    assert not find(docs, "ScaledObject") and not find(docs, "TriggerAuthentication")
+    hpa = one(docs, "HorizontalPodAutoscaler", "inference")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "inference",
+    }
+    kinds = {m["type"] for m in hpa["spec"]["metrics"]}
+    assert kinds == {"External", "Resource"}
+    (external,) = [m["external"] for m in hpa["spec"]["metrics"] if m["type"] == "External"]
+    # The adapter rule that serves this external metric, with valid PromQL on catalogued series.
+    rules = yaml.safe_load((K8S / "components/hpa/prometheus-adapter.yaml").read_text())
+    (rule,) = [r for r in rules["externalRules"] if r["name"]["as"] == external["metric"]["name"]]
+    assert metric_names(rule["metricsQuery"]) == {"mapo_bus_lag"}
+    assert f'stream="{BusConfig().prompts_stream}"' in rule["metricsQuery"]
+    assert f'group="{INFERENCE_GROUP}"' in rule["metricsQuery"]
+    # CPU utilisation needs CPU requests on the target.
+    deploy = one(docs, "Deployment", "inference")
+    assert container(deploy, "inference")["resources"]["requests"]["cpu"]
+
+
+def test_gpu_overlay_requests_gpus() -> None:
+    docs = rendered("gpu")
+    for name in ("inference", "trainer"):
+        c = container(one(docs, "Deployment", name), name)
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert c["image"].endswith(":cuda")
+    env = literal_env(container(one(docs, "Deployment", "trainer"), "trainer"))
+    assert env["MAPO__TRAINER__DEVICE"] == "cuda"
+    for overlay in ("cpu", "hpa"):
+        text = yaml.safe_dump_all(rendered(overlay))
+        assert "nvidia.com/gpu" not in text and ":cuda" not in text
+
+
+# --- Probes, ports, Services, PDBs, Secrets, config -------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_probes(overlay: str) -> None:
+    c = container(one(rendered(overlay), "Deployment", "inference"), "inference")
+    port = int(flag(c["args"], "--port"))
+    for probe, path in (
+        ("startupProbe", "/ready"),
+        ("readinessProbe", "/ready"),
+        ("livenessProbe", "/live"),
+    ):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path, probe
+        assert port_number(c, get["port"]) == port, probe
+    # /live waits up to inference.live_timeout_s: the probe must wait longer.
+    assert c["livenessProbe"]["timeoutSeconds"] > build_config().inference.live_timeout_s
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # engine + model
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_reward_grpc_probes(overlay: str) -> None:
+    c = container(one(rendered(overlay), "Deployment", "reward"), "reward")
+    port = int(flag(c["args"], "--port"))
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        grpc_probe = c[probe]["grpc"]  # native probe: grpc.health.v1.Health/Check
+        assert grpc_probe["port"] == port, probe
+        assert grpc_probe.get("service", "") == ""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trainer_volume_and_probes(overlay: str, tmp_path: Path) -> None:
+    docs = rendered(overlay)
+    deploy = one(docs, "Deployment", "trainer")
+    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"]["type"] == "Recreate"
+    c = container(deploy, "trainer")
+    config = run_config(docs, tmp_path, literal_env(c))
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["path"] == "/metrics"
+        assert port_number(c, get["port"]) == config.trainer.metrics_port
+    assert port_number(c, "weights") == config.trainer.weights_port
+    # Reachable from the replicas, and announced under the Service's name.
+    assert config.trainer.weights_host == "0.0.0.0"
+    svc = one(docs, "Service", "trainer")
+    assert config.trainer.weights_url == f"http://trainer:{svc['spec']['ports'][0]['port']}"
+    assert "--resume" in c["args"]
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/data"]
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert find(docs, "PersistentVolumeClaim", claim)
+    assert config.trainer.run_dir.startswith("/data/") and config.model.path.startswith("/data/")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis(overlay: str) -> None:
+    docs = rendered(overlay)
+    c = container(one(docs, "Deployment", "redis"), "redis")
+    assert " ".join(c["args"]).count("--appendonly yes") == 1
+    assert "$(REDIS_PASSWORD)" in c["args"]
+    assert c["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]
+    assert "REDISCLI_AUTH" in {e["name"] for e in c["env"]}
+    major = int(c["image"].split(":")[1].split(".")[0])
+    assert major >= 7  # XINFO GROUPS lag, which the autoscaler reads
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_and_pdbs_select_pods(overlay: str) -> None:
+    docs = rendered(overlay)
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in find(docs, "Deployment")}
+    for deploy in find(docs, "Deployment"):
+        selector = deploy["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    for svc in find(docs, "Service"):
+        matched = [
+            name
+            for name, tpl in pods.items()
+            if svc["spec"]["selector"].items() <= tpl["metadata"]["labels"].items()
+        ]
+        assert len(matched) == 1, (svc["metadata"]["name"], matched)
+        (c, *_) = pods[matched[0]]["spec"]["containers"]
+        for port in svc["spec"]["ports"]:
+            port_number(c, port["targetPort"])  # a named port the container declares
+    pdbs = {d["metadata"]["name"]: d for d in find(docs, "PodDisruptionBudget")}
+    assert set(pdbs) == {"inference", "reward"}
+    for name, pdb in pdbs.items():
+        labels = pods[name]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert (
+        pdbs["reward"]["spec"]["minAvailable"]
+        < one(docs, "Deployment", "reward")["spec"]["replicas"]
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secret_and_configmap_references(overlay: str) -> None:
+    docs = rendered(overlay)
+    secrets = {d["metadata"]["name"]: d for d in find(docs, "Secret")}
+    configmaps = {d["metadata"]["name"] for d in find(docs, "ConfigMap")}
+    for deploy in find(docs, "Deployment"):
+        spec = deploy["spec"]["template"]["spec"]
+        for c in spec["containers"] + spec.get("initContainers", []):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    secret = secrets[ref["name"]]
+                    assert ref["key"] in secret.get("stringData", secret.get("data", {}))
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                assert v["configMap"]["name"] in configmaps
+    # The password never appears in a pod spec, only through the Secret.
+    password = secrets["mapo-redis"]["stringData"]["password"]
+    for deploy in find(docs, "Deployment"):
+        assert password not in yaml.safe_dump(deploy)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_run_config_and_commands(overlay: str, tmp_path: Path) -> None:
+    """The ConfigMap is a valid run config under every container's env; args parse."""
+    docs = rendered(overlay)
+    parser = build_parser()
+    for deploy in find(docs, "Deployment"):
+        if deploy["metadata"]["name"] == "redis":
+            continue
+        spec = deploy["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            config = run_config(docs, tmp_path, literal_env(c))
+            args = parser.parse_args(c["args"])
+            assert args.config == "/etc/mapo/run.toml"
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert "/etc/mapo" in mounts
+            if deploy["metadata"]["name"] in ("inference", "trainer"):  # the bus users
+                assert config.bus.url.startswith("redis://:secret-value@redis:6379/")
+        for c in spec.get("initContainers", []):
+            m = re.search(r"exec mapo (.+)$", c["command"][-1])
+            assert m, c["command"]
+            parser.parse_args(m.group(1).split())
+    inference = literal_env(container(one(docs, "Deployment", "inference"), "inference"))
+    trainer = one(docs, "Service", "trainer")
+    config = run_config(docs, tmp_path, inference)
+    assert config.weights.store == f"http://trainer:{trainer['spec']['ports'][0]['port']}"
+    reward_svc = one(docs, "Service", "reward")
+    host, port = config.reward.address.split(":")
+    assert host == "reward" and int(port) == reward_svc["spec"]["ports"][0]["port"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_k8s_config_finds_every_pod(overlay: str) -> None:
+    """deploy/prometheus/prometheus-k8s.yml resolves headless Services of this deployment."""
+    docs = rendered(overlay)
+    prom = yaml.safe_load((PROMETHEUS_DIR / "prometheus-k8s.yml").read_text())
+    for job in prom["scrape_configs"]:
+        (sd,) = job["dns_sd_configs"]
+        (name,) = sd["names"]
+        svc_name, namespace = name.split(".")[:2]
+        assert namespace == NAMESPACE
+        svc = one(docs, "Service", svc_name)
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+        assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == job["job_name"]
+        assert sd["port"] in [p["port"] for p in svc["spec"]["ports"]]
