@@ -166,6 +166,9 @@ class InferenceConfig(_Section):
     admin_token: str = Field("", description="Bearer token for weight routes; empty disables.")
     prompts_per_batch: int = Field(8, ge=1, le=4096, description="Prompts generated together.")
     live_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="/live engine deadline.")
+    cpu_threads: int = Field(
+        1, ge=0, le=1024, description="OpenMP threads of a CPU engine; 0: one per core."
+    )
 
 
 class WeightsConfig(_Section):
