@@ -1,0 +1,224 @@
+"""OpenAI-compatible ``/v1/completions`` and ``/v1/models`` over the served policy.
+
+Requests are validated by pydantic before they reach the engine: a bad field answers 422, a
+prompt that does not fit the context 400, an unknown model 404, all in OpenAI's error shape.
+Each response also says which weight version produced it (``weight_version`` and
+``system_fingerprint``), so an evaluation can tell policies apart.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.inference.service import (
+    EngineUnavailable,
+    InferenceService,
+    PromptRejected,
+    sampling_params,
+)
+
+if TYPE_CHECKING:
+    from vllm import CompletionOutput
+
+MAX_PROMPTS = 256
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOPS = 8
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's completions request this service implements."""
+
+    # Clients send fields this service does not use (user, suffix...): accept and ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    # vLLM's extension: keep sampling past the end-of-text token (fixed-length benchmarks).
+    ignore_eos: bool = False
+    stream: Literal[False] = False
+    echo: Literal[False] = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOPS} non-empty strings")
+        return value
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    """An error body in OpenAI's shape, so clients raise their usual exceptions."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _logprobs_block(completion: CompletionOutput, top: int, tokenizer: Any) -> dict[str, Any]:
+    """OpenAI's logprobs object from vLLM's flat log-probs.
+
+    At each position the engine puts the sampled token first, then the ``top`` most likely
+    ones. Token strings come from the engine's detokenizer when it ran, else from one batched
+    decode here.
+    """
+    flat: Any = completion.logprobs
+    if flat is None:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    strings: list[str | None] = list(flat.decoded_tokens)
+    missing = [i for i, text in enumerate(strings) if text is None]
+    if missing:
+        # Each distinct token is decoded once: far fewer calls than tokens.
+        unique = sorted({flat.token_ids[i] for i in missing})
+        decoded = dict(zip(unique, tokenizer.batch_decode([[t] for t in unique]), strict=True))
+        for i in missing:
+            strings[i] = decoded[flat.token_ids[i]]
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    offsets: list[int] = []
+    offset = 0
+    for start, end in zip(flat.start_indices, flat.end_indices, strict=True):
+        text = strings[start] or ""
+        tokens.append(text)
+        token_logprobs.append(flat.logprobs[start])
+        top_logprobs.append(
+            {
+                strings[k] or "": flat.logprobs[k]
+                for k in range(start + 1, min(end, start + 1 + top))
+            }
+        )
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+        # Not in OpenAI's schema: the exact token ids, for clients that score them.
+        "token_ids": list(completion.token_ids),
+    }
+
+
+def build_router(service: InferenceService) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["openai"])
+
+    def served_names() -> set[str]:
+        return {service.model, service.model.rstrip("/").rsplit("/", 1)[-1]}
+
+    @router.get("/models")
+    async def models() -> dict[str, Any]:
+        version = service.weights.version if service.weights else None
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": service.model,
+                    "object": "model",
+                    "created": int(service.started_at),
+                    "owned_by": "mapo",
+                    "root": service.model,
+                    "weight_version": version,
+                }
+            ],
+        }
+
+    @router.post("/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> JSONResponse:
+        from vllm.sampling_params import RequestOutputKind
+
+        if req.model not in served_names():
+            return error(
+                404,
+                f"model {req.model!r} is not served here; use {service.model!r}",
+                "not_found",
+                "model",
+            )
+        if not service.ready:
+            return error(503, "the model is still loading", "unavailable")
+        try:
+            prompt_ids = [service.tokenize(p) for p in req.prompts()]
+            for ids in prompt_ids:
+                service.check_length(ids, req.max_tokens)
+            params = sampling_params(
+                n=req.n,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                max_tokens=req.max_tokens,
+                logprobs=req.logprobs,
+                seed=req.seed,
+                stop=req.stop,
+                ignore_eos=req.ignore_eos,
+                flat_logprobs=True,
+                # Stop strings are matched by the engine's detokenizer; without them the text
+                # is decoded once per completion, which costs far less.
+                detokenize=bool(req.stop),
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+        except PromptRejected as exc:
+            return error(400, str(exc), "invalid_request_error", "prompt")
+        try:
+            gen = await service.generate(prompt_ids, params)
+        except EngineUnavailable as exc:
+            return error(503, str(exc), "unavailable")
+        except PromptRejected as exc:  # the engine's own validation of a request
+            return error(400, str(exc), "invalid_request_error")
+        choices = []
+        completion_tokens = 0
+        for i, out in enumerate(gen.outputs):
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                choices.append(
+                    {
+                        "index": i * req.n + c.index,
+                        "text": c.text if req.stop else service.decode(c.token_ids),
+                        "logprobs": (
+                            _logprobs_block(c, req.logprobs, service.tokenizer)
+                            if req.logprobs is not None
+                            else None
+                        ),
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        # A JSONResponse skips FastAPI's field-by-field encoding: this body can be large.
+        return JSONResponse(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": service.model,
+                "system_fingerprint": f"mapo-weights-v{gen.version}",
+                "weight_version": gen.version,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    return router

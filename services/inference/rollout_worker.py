@@ -1,0 +1,303 @@
+"""The rollout worker: prompts in, scored groups out, inside the inference service.
+
+Per prompt: generate G samples in one engine request (so the group has one weight version),
+score them with the reward service, append the scored group to the rollouts stream, and only
+then acknowledge the prompt. Up to ``inference.prompts_per_batch`` prompts are in flight at
+once, so the engine batches them; a slot is refilled as soon as its prompt is done.
+
+Failures never crash the service: an unreachable reward service is retried with backoff while
+the prompt stays held; a bus or engine failure gives the prompt back for redelivery (the bus
+dead-letters it after ``bus.max_deliveries`` attempts); a prompt that cannot succeed anywhere
+(empty, longer than the model's context, or refused by the reward service as invalid) is
+dead-lettered at once with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from services.core.schemas import PromptMessage, Rollout, ScoredGroup
+from services.inference.service import EngineUnavailable, PromptRejected, sampling_params
+from services.transport.names import INFERENCE_GROUP
+
+if TYPE_CHECKING:
+    from vllm import CompletionOutput, RequestOutput, SamplingParams
+
+    from services.inference.service import InferenceService
+    from services.transport.base import Bus, Delivery
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
+
+
+class Scorer(Protocol):
+    """The part of the reward client the worker uses."""
+
+    async def score_batch(
+        self, task: str, completions: Sequence[str], answers: Sequence[str]
+    ) -> Sequence[Any]: ...
+
+
+def rollout_params(prompt: PromptMessage, max_tokens: int) -> SamplingParams:
+    """G samples with the log-prob of each sampled token (flat: no per-token dicts)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    return sampling_params(
+        n=prompt.group_size,
+        temperature=prompt.temperature,
+        top_p=prompt.top_p,
+        max_tokens=max_tokens,
+        logprobs=0,
+        flat_logprobs=True,
+        detokenize=False,  # the text is decoded once per completion (InferenceService.decode)
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def sampled_logprobs(completion: CompletionOutput) -> np.ndarray:
+    """The log-prob of each sampled token, in order (float32)."""
+    flat: Any = completion.logprobs  # FlatLogprobs, or a list of per-position dicts
+    n = len(completion.token_ids)
+    if flat is None:
+        raise ValueError("the engine returned no log-probs")
+    starts = getattr(flat, "start_indices", None)
+    if starts is not None:
+        # With logprobs=0 each position holds exactly the sampled token.
+        values = np.asarray(flat.logprobs, dtype=np.float32)
+        if values.size != n or list(flat.token_ids) != list(completion.token_ids):
+            raise ValueError("log-probs do not line up with the sampled tokens")
+        return values
+    return np.asarray(
+        [pos[tok].logprob for pos, tok in zip(flat, completion.token_ids, strict=True)],
+        dtype=np.float32,
+    )
+
+
+def build_group(
+    prompt: PromptMessage,
+    output: RequestOutput,
+    texts: Sequence[str],
+    scores: Sequence[Any],
+    *,
+    version: int,
+    replica: str,
+) -> ScoredGroup:
+    """One scored group from the engine's output, its decoded texts and their scores."""
+    completions = list(output.outputs)
+    if not len(scores) == len(texts) == len(completions):
+        raise ValueError(
+            f"{len(scores)} scores and {len(texts)} texts for {len(completions)} completions"
+        )
+    rollouts = tuple(
+        Rollout(
+            text=text,
+            token_ids=np.asarray(c.token_ids, dtype=np.int32),
+            logprobs=sampled_logprobs(c),
+            reward=float(s.reward),
+            success=bool(s.success),
+            status=str(s.status),
+            terms={str(k): float(v) for k, v in dict(s.terms).items()},
+            finish_reason=c.finish_reason or "length",
+        )
+        for c, text, s in zip(completions, texts, scores, strict=True)
+    )
+    return ScoredGroup(
+        group_id=prompt.prompt_id,
+        prompt=prompt.prompt,
+        prompt_token_ids=np.asarray(output.prompt_token_ids or [], dtype=np.int32),
+        answer=prompt.answer,
+        task=prompt.task,
+        policy_version=version,
+        replica=replica,
+        rollouts=rollouts,
+        created_at=time.time(),
+    )
+
+
+class RolloutWorker:
+    """Consumes the prompts stream as one consumer of the ``inference`` group."""
+
+    def __init__(self, service: InferenceService, bus: Bus, scorer: Scorer | None = None) -> None:
+        cfg = service.config
+        self.service = service
+        self.bus = bus
+        self.scorer = scorer
+        self.prompts_stream = cfg.bus.prompts_stream
+        self.rollouts_stream = cfg.bus.rollouts_stream
+        self.group = INFERENCE_GROUP
+        self.consumer = service.replica
+        self.slots = cfg.inference.prompts_per_batch
+        self.state = "starting"
+        self._owns_scorer = scorer is None
+        self._running = asyncio.Event()
+        self._running.set()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ control
+
+    def pause(self) -> None:
+        """Take no new prompts; the ones in flight finish."""
+        self._running.clear()
+        self.state = "paused"
+
+    def resume(self) -> None:
+        self._running.set()
+        self.state = "running"
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._running.set()
+
+    async def close(self) -> None:
+        """Cancel unfinished prompts (they are given back to the bus) and close the scorer."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns_scorer and self.scorer is not None:
+            with contextlib.suppress(Exception):
+                await self.scorer.close()  # type: ignore[attr-defined]
+        self.state = "stopped"
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        if self.scorer is None:
+            from services.reward.client import RewardClient
+
+            cfg = self.service.config.reward
+            self.scorer = RewardClient(cfg.address, cfg.timeout_s)
+        await self._retry("create the consumer group", self._ensure_group)
+        renewer = asyncio.create_task(self._renew_forever(), name="rollout-renew")
+        self.state = "running" if self._running.is_set() else "paused"
+        try:
+            while not self._stopping:
+                await self._running.wait()
+                if self._stopping:
+                    break
+                free = self.slots - len(self._tasks)
+                if free <= 0:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                engine = self.service.engine
+                if engine is None or engine.errored:
+                    self.state = "engine unavailable"
+                    await asyncio.sleep(1.0)
+                    continue
+                deliveries = await self._retry("read prompts", self._read, free)
+                for delivery in deliveries:
+                    task = asyncio.create_task(self._process(delivery))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _ensure_group(self) -> None:
+        await self.bus.ensure_group(self.prompts_stream, self.group)
+
+    async def _read(self, count: int) -> list[Delivery[PromptMessage]]:
+        return await self.bus.read(
+            self.prompts_stream, self.group, self.consumer, count, expect=PromptMessage
+        )
+
+    async def _renew_forever(self) -> None:
+        """Keep held prompts ours while they take longer than the bus's idle timeout."""
+        period = max(self.bus.claim_idle_ms / 3000.0, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(Exception):
+                await self.bus.renew(self.prompts_stream, self.group)
+
+    async def _retry(self, what: str, fn: Any, *args: Any) -> Any:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                return await fn(*args)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot %s: %s; retrying in %.1f s", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    # ------------------------------------------------------------------ one prompt
+
+    async def _process(self, delivery: Delivery[PromptMessage]) -> None:
+        prompt = delivery.message
+        try:
+            group = await self.rollout(prompt)
+            await self.bus.publish(self.rollouts_stream, group)
+            await self.bus.ack(self.prompts_stream, self.group, [delivery.entry_id])
+            self.service.metrics.groups.inc()
+        except PromptRejected as exc:
+            log.warning("dead-lettering prompt %s: %s", prompt.prompt_id, exc)
+            with contextlib.suppress(Exception):
+                await self.bus.dead_letter(delivery, f"inference: {exc}")
+        except asyncio.CancelledError:
+            await self._give_back(delivery)
+            raise
+        except Exception as exc:
+            level = logging.WARNING if isinstance(exc, EngineUnavailable) else logging.ERROR
+            log.log(level, "prompt %s failed, giving it back: %s", prompt.prompt_id, exc)
+            await self._give_back(delivery)
+
+    async def _give_back(self, delivery: Delivery[PromptMessage]) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await self.bus.release([delivery])
+        except Exception as exc:  # the bus reclaims it after claim_idle_ms anyway
+            log.warning("could not give prompt %s back: %s", delivery.message.prompt_id, exc)
+
+    async def rollout(self, prompt: PromptMessage) -> ScoredGroup:
+        """Generate and score one group (no bus involved)."""
+        ids = self.service.tokenize(prompt.prompt)
+        limit = self.service.config.model.max_model_len
+        if not ids:
+            raise PromptRejected("the prompt is empty")
+        if len(ids) >= limit:
+            raise PromptRejected(f"the prompt has {len(ids)} tokens; the context is {limit}")
+        params = rollout_params(prompt, min(prompt.max_tokens, limit - len(ids)))
+        gen = await self.service.generate([ids], params)
+        output = gen.outputs[0]
+        texts = [self.service.decode(c.token_ids) for c in output.outputs]
+        scores = await self._score(prompt, texts)
+        return build_group(
+            prompt, output, texts, scores, version=gen.version, replica=self.service.replica
+        )
+
+    async def _score(self, prompt: PromptMessage, completions: list[str]) -> Sequence[Any]:
+        """Score a group, retrying with backoff while the reward service is unreachable."""
+        assert self.scorer is not None
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                scores = await self.scorer.score_batch(prompt.task, completions, [prompt.answer])
+                if self.state == "waiting for the reward service":
+                    self.state = "running" if self._running.is_set() else "paused"
+                return scores
+            except asyncio.CancelledError:
+                raise
+            except ValueError as exc:  # the service refused this request: retrying cannot help
+                raise PromptRejected(f"the reward service refused it: {exc}") from None
+            except Exception as exc:
+                self.state = "waiting for the reward service"
+                log.warning(
+                    "reward service failed for prompt %s: %s; retrying in %.1f s",
+                    prompt.prompt_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)

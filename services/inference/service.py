@@ -1,0 +1,376 @@
+"""The inference service's runtime: the engine, the served weights, the rollout worker.
+
+Start-up runs in the background (the HTTP probes answer while the model loads): build the
+engine, load the newest valid weight version, then start the rollout worker and the listener
+for weight announcements. ``/ready`` turns true when the engine is up and the version known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from services.core.config import RunConfig
+from services.core.schemas import WeightAnnouncement
+from services.inference.metrics import InferenceMetrics
+from services.inference.weights import Candidate, ReloadRefused, WeightManager, resolve_model_dir
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from services.inference.rollout_worker import RolloutWorker
+    from services.transport.base import Bus, Delivery
+
+log = logging.getLogger(__name__)
+
+# How long start-up waits for the bus before it serves the HTTP API without it.
+BUS_STARTUP_WAIT_S = 10.0
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is not started yet, or it died."""
+
+
+class PromptRejected(ValueError):
+    """A request that cannot succeed anywhere: an empty prompt, one too long for the model's
+    context, sampling settings the engine refuses, or a group the reward service refuses."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Outputs of one batch of prompts and the one version that produced all of them."""
+
+    version: int
+    outputs: list[RequestOutput]
+    seconds: float
+
+
+def sampling_params(**kwargs: Any) -> SamplingParams:
+    """vLLM sampling parameters; settings it rejects raise :class:`PromptRejected`."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        return SamplingParams(**kwargs)
+    except (VLLMClientError, ValueError) as exc:
+        raise PromptRejected(f"sampling settings rejected: {exc}") from None
+
+
+def replica_name(configured: str) -> str:
+    return configured or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class InferenceService:
+    """Owns the engine and everything that shares it."""
+
+    def __init__(self, config: RunConfig, *, use_bus: bool = True) -> None:
+        self.config = config
+        self.use_bus = use_bus
+        self.model = config.model.path
+        self.replica = replica_name(config.inference.replica)
+        self.metrics = InferenceMetrics()
+        self.engine: AsyncLLM | None = None
+        self.weights: WeightManager | None = None
+        self.bus: Bus | None = None
+        self.worker: RolloutWorker | None = None
+        self.tokenizer: Any = None
+        self.started_at = time.time()
+        self.startup_error = ""
+        self.ready = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._waiting = 0  # generations waiting at the version gate
+        self.metrics.watch_queue(self.queue_depth)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, on_fatal: Callable[[str], None] | None = None) -> None:
+        """Bring everything up; on a start-up error, report it through ``on_fatal``."""
+        try:
+            await self._start()
+        except Exception as exc:
+            self.startup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("inference service failed to start")
+            if on_fatal is not None:
+                on_fatal(self.startup_error)
+
+    async def _start(self) -> None:
+        from services.inference.engine import EngineReloader, build_async_engine
+
+        model_dir = await asyncio.to_thread(resolve_model_dir, self.model)
+        started = time.perf_counter()
+        await asyncio.to_thread(self._build_engine, build_async_engine, str(model_dir))
+        assert self.engine is not None
+        self.tokenizer = self.engine.get_tokenizer()
+        log.info("engine ready in %.1f s (%s)", time.perf_counter() - started, model_dir)
+        self.weights = WeightManager(
+            EngineReloader(self.engine),
+            model_dir,
+            store=self.config.weights.store,
+            on_change=self.metrics.weight_version.set,
+            on_reload=self.metrics.reload_seconds.observe,
+            on_failure=lambda reason: self.metrics.reload_failures.labels(reason).inc(),
+        )
+        candidates = await asyncio.to_thread(self.weights.store_candidates)
+        announced = None
+        if self.use_bus:
+            from services.transport.factory import make_bus
+
+            self.bus = make_bus(self.config.bus)
+            try:
+                async with asyncio.timeout(BUS_STARTUP_WAIT_S):
+                    announced = await self._latest_announcement()
+            except Exception as exc:
+                reason = str(exc) or type(exc).__name__
+                log.warning("bus unreachable at start-up (%s); retrying in the background", reason)
+        if announced is not None:
+            candidates.append(_candidate(announced.message))
+        await self.weights.load_newest(candidates)
+        self.ready = True
+        log.info("ready: serving %s at weight version %d", self.model, self.weights.version)
+        if self.bus is not None:
+            self._spawn(self._run_bus(announced), "bus")
+
+    async def _latest_announcement(self) -> Delivery[WeightAnnouncement] | None:
+        assert self.bus is not None
+        return await self.bus.latest(self.config.bus.weights_stream, expect=WeightAnnouncement)
+
+    async def _run_bus(self, announced: Delivery[WeightAnnouncement] | None) -> None:
+        """Start the rollout worker once the newest announced version is in, then follow the
+        announcements. Without a bus at start-up, wait for it first: no rollout is generated
+        before the newest announced weights are loaded."""
+        from services.inference.rollout_worker import RolloutWorker
+
+        assert self.bus is not None and self.weights is not None
+        if announced is None:
+            delay = 1.0
+            while True:
+                try:
+                    announced = await self._latest_announcement()
+                    break
+                except Exception as exc:
+                    log.warning("bus unreachable (%s); retrying in %.0f s", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            if announced is not None:
+                with contextlib.suppress(ReloadRefused):
+                    await self.weights.apply(_candidate(announced.message))
+        cursor = announced.entry_id if announced is not None else "0"
+        self.worker = RolloutWorker(self, self.bus)
+        self._spawn(self._follow_weights(cursor), "weights-follower")
+        await self.worker.run()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A background task whose unexpected end is logged, never silent."""
+
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s stopped", name, exc_info=task.exception())
+
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(done)
+        self._tasks.append(task)
+
+    def _build_engine(self, build: Callable[[RunConfig, str], AsyncLLM], model_dir: str) -> None:
+        # Stored here rather than returned: a result returned from the thread stays referenced
+        # by the executor's finished work item, which would keep the engine alive after stop().
+        self.engine = build(self.config, model_dir)
+
+    async def stop(self) -> None:
+        """Stop the worker (its unfinished prompts go back to the bus), then the engine."""
+        self.ready = False
+        if self.worker is not None:
+            self.worker.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.worker is not None:
+            await self.worker.close()
+        if self.bus is not None:
+            with contextlib.suppress(Exception):
+                await self.bus.close()
+        if self.engine is not None:
+            # Stop the output handler first: it would report the engine core's exit as a crash.
+            handler = getattr(self.engine, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+                self.engine.output_handler = None
+            await asyncio.to_thread(self.engine.shutdown)
+            # Drop every reference, or the engine's finaliser runs again at interpreter exit.
+            if self.weights is not None:
+                self.weights.reloader = _Stopped()
+            self.engine = None
+            gc.collect()
+
+    # ------------------------------------------------------------------ weights
+
+    async def _follow_weights(self, cursor: str) -> None:
+        """Apply every newer version announced on the weights stream."""
+        assert self.bus is not None and self.weights is not None
+        follower = self.bus.follow(
+            self.config.bus.weights_stream, cursor, expect=WeightAnnouncement
+        )
+        while True:
+            try:
+                deliveries = await follower.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot read weight announcements: %s; retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if not deliveries:
+                continue
+            newest = max((d.message for d in deliveries), key=lambda m: m.version)
+            try:
+                await self.weights.apply(_candidate(newest))
+            except ReloadRefused:
+                pass  # counted and logged; the old version keeps serving
+            except Exception:
+                log.exception("loading announced version %d failed", newest.version)
+
+    async def reload(self, version: int | None = None) -> int:
+        """Admin reload: ``version`` from the store (any, even older), else the newest one."""
+        weights = self._require_weights()
+        if version is None:
+            candidates = await asyncio.to_thread(weights.store_candidates)
+            if self.bus is not None:
+                try:
+                    async with asyncio.timeout(BUS_STARTUP_WAIT_S):
+                        latest = await self._latest_announcement()
+                except Exception as exc:
+                    log.warning("no announcements from the bus (%s): using the store only", exc)
+                    latest = None
+                if latest is not None:
+                    candidates.append(_candidate(latest.message))
+            return await weights.load_newest(candidates)
+        if not weights.store:
+            raise ReloadRefused("missing", "no weight store configured (weights.store)")
+        return await weights.apply(Candidate(version, weights.store), force=True)
+
+    def _require_weights(self) -> WeightManager:
+        if self.weights is None:
+            raise EngineUnavailable("the engine is still starting")
+        return self.weights
+
+    # ------------------------------------------------------------------ generation
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise EngineUnavailable("the engine is still starting")
+        ids: list[int] = self.tokenizer.encode(text)
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of generated tokens, as the engine's detokenizer would give it.
+
+        Requests run with ``detokenize=False``: decoding a finished completion once here costs
+        far less than the engine's per-step incremental detokenization of every token.
+        """
+        text: str = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return text
+
+    def check_length(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
+        limit = self.config.model.max_model_len
+        if not prompt_ids:
+            raise PromptRejected("the prompt is empty")
+        if len(prompt_ids) + max_tokens > limit:
+            raise PromptRejected(
+                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: "
+                f"together more than the model's context of {limit} tokens"
+            )
+
+    async def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> Generation:
+        """Run prompts (token ids) through the engine with one weight version for all."""
+        engine = self.engine
+        weights = self._require_weights()
+        if engine is None or engine.errored:
+            raise EngineUnavailable("the engine is not running")
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        async def one(ids: Sequence[int]) -> RequestOutput:
+            final = None
+            async for out in engine.generate(
+                tokens_input(list(ids)), params, request_id=uuid.uuid4().hex
+            ):
+                final = out
+            assert final is not None
+            return final
+
+        self._waiting += 1
+        admitted = False
+        try:
+            async with weights.gate.shared():
+                self._waiting -= 1
+                admitted = True
+                version = weights.version
+                started = time.perf_counter()
+                try:
+                    outputs = list(await asyncio.gather(*(one(p) for p in prompts)))
+                except VLLMClientError as exc:
+                    raise PromptRejected(str(exc)) from None
+                except EngineDeadError as exc:
+                    raise EngineUnavailable(f"the engine died: {exc}") from None
+                seconds = time.perf_counter() - started
+        finally:
+            if not admitted:
+                self._waiting -= 1
+        self.metrics.record_tokens(sum(len(c.token_ids) for o in outputs for c in o.outputs))
+        return Generation(version, outputs, seconds)
+
+    def queue_depth(self) -> float:
+        running = self.engine.get_num_unfinished_requests() if self.engine is not None else 0
+        return float(running + self._waiting)
+
+    async def live(self) -> None:
+        """A round trip to the engine core; raises if it does not answer in time."""
+        engine = self.engine
+        if engine is None:
+            raise EngineUnavailable("the engine is still starting")
+        async with asyncio.timeout(self.config.inference.live_timeout_s):
+            await engine.check_health()
+            await engine.is_paused()
+
+    def status(self) -> dict[str, Any]:
+        weights = self.weights
+        return {
+            "model": self.model,
+            "replica": self.replica,
+            "ready": self.ready,
+            "weight_version": weights.version if weights else None,
+            "weight_step": weights.served.step if weights else None,
+            "weights_healthy": weights.healthy if weights else None,
+            "last_weight_error": weights.last_error if weights else "",
+            "rollout_worker": self.worker.state if self.worker else "off",
+            "startup_error": self.startup_error,
+        }
+
+
+class _Stopped:
+    """The reloader of a service whose engine has shut down."""
+
+    async def reload_files(self, paths: Sequence[str], expected: Any) -> None:
+        raise EngineUnavailable("the engine has shut down")
+
+    async def reset_prefix_cache(self) -> None:
+        raise EngineUnavailable("the engine has shut down")
+
+
+def _candidate(msg: WeightAnnouncement) -> Candidate:
+    return Candidate(msg.version, msg.location, msg.manifest_sha256, msg.step)

@@ -1,0 +1,349 @@
+"""Which policy version the engine serves, and how a new one gets in (or is refused).
+
+A version is loaded in four steps: locate it (a store directory, one version's directory, or a
+trainer's HTTP weight server), verify it (manifest sha256 as announced, file sha256, safetensors
+header = manifest), check that its tensor names and shapes are exactly those of the served
+model's checkpoint, then reload it in place. Anything that fails before the last step leaves
+the engine untouched and the old version serving; the reason is counted in
+``mapo_inference_reload_failures_total``.
+
+Versions never mix inside one generation: every generation holds the :class:`VersionGate`
+shared, and a reload holds it exclusively. A reload therefore waits for in-flight requests to
+finish (new ones wait behind it), swaps the weights, resets the prefix cache (its KV entries
+were computed by the old weights) and reopens the gate. Every group and completion is stamped
+with the version read while it held the gate.
+
+Version 0 is the base model as loaded. Without ``force``, announcements of a version not newer
+than the one served are ignored, so a replayed or reordered announcement never rolls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from services.transport.weight_store import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    Manifest,
+    WeightStoreError,
+    check_compatible,
+    fetch_version,
+    latest_version,
+    list_versions,
+    verify_version,
+    version_dir,
+)
+
+log = logging.getLogger(__name__)
+
+TensorSpec = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+class Reloader(Protocol):
+    """What the weight manager needs from the engine."""
+
+    async def reload_files(self, paths: Sequence[str], expected: TensorSpec) -> None: ...
+
+    async def reset_prefix_cache(self) -> None: ...
+
+
+class ReloadRefused(RuntimeError):
+    """A version that was not loaded; ``reason`` is the metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A version that could be loaded, and where it was seen."""
+
+    version: int
+    location: str
+    manifest_sha256: str | None = None
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class Served:
+    """The version the engine computes with now."""
+
+    version: int
+    step: int
+    files: tuple[str, ...]
+    loaded_at: float
+
+
+class VersionGate:
+    """Many generations at once, or one reload: never both.
+
+    A waiting reload closes the gate to new generations, so a steady stream of requests
+    cannot starve it; it then waits for the running ones to finish.
+    """
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._writer = asyncio.Lock()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def closed(self) -> bool:
+        return not self._open.is_set()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._writer:
+            self._open.clear()
+            try:
+                while self._active:
+                    await self._idle.wait()
+                yield
+            finally:
+                self._open.set()
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (one file, or the shards of an index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no safetensors checkpoint in {model_dir}")
+
+
+def expected_tensors(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtypes of the served checkpoint, read from headers (no tensor data)."""
+    from safetensors import safe_open
+
+    dtypes = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                sl = fh.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), dtypes.get(sl.get_dtype(), sl.get_dtype()))
+    return out
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory for ``model``: itself, or its snapshot in the Hugging Face cache."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+class WeightManager:
+    """Tracks the served version; verifies, refuses or reloads new ones."""
+
+    def __init__(
+        self,
+        reloader: Reloader,
+        model_dir: Path,
+        *,
+        store: str = "",
+        cache_dir: Path | None = None,
+        on_change: Callable[[int], None] | None = None,
+        on_reload: Callable[[float], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.reloader = reloader
+        self.model_dir = model_dir
+        self.store = store
+        self.cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="mapo-weights-"))
+        self.expected = expected_tensors(model_dir)
+        self.gate = VersionGate()
+        self.served = Served(0, 0, tuple(str(p) for p in checkpoint_files(model_dir)), time.time())
+        self.healthy = True  # False if a failed in-place reload left the weights unknown
+        self.last_error = ""
+        # Seconds of the last successful load: locate + verify, and the in-place reload.
+        self.last_timing: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+        self._on_change = on_change or (lambda v: None)
+        self._on_reload = on_reload or (lambda s: None)
+        self._on_failure = on_failure or (lambda r: None)
+
+    @property
+    def version(self) -> int:
+        return self.served.version
+
+    # ------------------------------------------------------------------ finding versions
+
+    def store_candidates(self) -> list[Candidate]:
+        """Versions in the configured store, newest first (a directory, or an HTTP server)."""
+        if not self.store:
+            return []
+        if is_url(self.store):
+            import httpx
+
+            try:
+                resp = httpx.get(f"{self.store.rstrip('/')}/versions/latest", timeout=10.0)
+            except httpx.HTTPError as exc:
+                log.warning("weight server %s unreachable: %s", self.store, exc)
+                return []
+            if resp.status_code != 200:
+                return []
+            return [Candidate(int(resp.json()["version"]), self.store)]
+        if not Path(self.store).is_dir():
+            return []
+        newest = latest_version(self.store)
+        versions = sorted(set(list_versions(self.store)) | ({newest} if newest else set()))
+        return [Candidate(v, self.store) for v in reversed(versions)]
+
+    # ------------------------------------------------------------------ loading
+
+    async def load_newest(self, candidates: Sequence[Candidate]) -> int:
+        """Load the newest candidate that passes every check (start-up and admin reloads)."""
+        for cand in sorted(candidates, key=lambda c: c.version, reverse=True):
+            if cand.version <= self.version:
+                break
+            try:
+                return await self.apply(cand)
+            except ReloadRefused as exc:
+                log.warning("version %d refused, trying an older one: %s", cand.version, exc)
+        return self.version
+
+    async def apply(self, cand: Candidate, *, force: bool = False) -> int:
+        """Verify and load ``cand``; raise :class:`ReloadRefused` and keep the old weights if any
+        check fails. Returns the version served afterwards."""
+        async with self._lock:
+            if not force and cand.version <= self.version:
+                log.info("version %d is not newer than %d: ignored", cand.version, self.version)
+                return self.version
+            started = time.perf_counter()
+            try:
+                directory = await asyncio.to_thread(self._locate, cand)
+                manifest = await asyncio.to_thread(self._verify, directory, cand)
+            except ReloadRefused as exc:
+                self._refuse(exc)
+                raise
+            prepared = time.perf_counter() - started
+            files = (str(directory / WEIGHTS_FILE),)
+            async with self.gate.exclusive():
+                swap_started = time.perf_counter()
+                await self._swap(files, manifest)
+                swap = time.perf_counter() - swap_started
+            self.last_timing = {"verify_s": prepared, "reload_s": swap}
+            self._on_reload(prepared + swap)
+            log.info(
+                "serving version %d (step %d): verify %.3f s, reload %.3f s",
+                manifest.version,
+                manifest.step,
+                prepared,
+                swap,
+            )
+            return self.version
+
+    async def reload_served(self) -> None:
+        """Load the served version's files again (after an in-place reload failed midway)."""
+        async with self._lock, self.gate.exclusive():
+            await self.reloader.reload_files(self.served.files, self.expected)
+            await self.reloader.reset_prefix_cache()
+            self.healthy = True
+
+    def _locate(self, cand: Candidate) -> Path:
+        if is_url(cand.location):
+            try:
+                return fetch_version(
+                    cand.location, cand.version, self.cache_dir, cand.manifest_sha256
+                )
+            except WeightStoreError as exc:
+                reason = "corrupt" if "does not match" in str(exc) else "unavailable"
+                raise ReloadRefused(reason, str(exc)) from None
+        path = Path(cand.location)
+        if (path / MANIFEST_FILE).is_file():
+            return path
+        directory = version_dir(path, cand.version)
+        if not directory.is_dir():
+            raise ReloadRefused("missing", f"version {cand.version} is not in {path}")
+        return directory
+
+    def _verify(self, directory: Path, cand: Candidate) -> Manifest:
+        try:
+            manifest = verify_version(directory, cand.manifest_sha256)
+        except WeightStoreError as exc:
+            raise ReloadRefused("corrupt", str(exc)) from None
+        if manifest.version != cand.version:
+            raise ReloadRefused(
+                "mismatch",
+                f"{directory} holds version {manifest.version}, expected {cand.version}",
+            )
+        try:
+            check_compatible(manifest, self.expected)
+        except WeightStoreError as exc:
+            raise ReloadRefused("incompatible", str(exc)) from None
+        return manifest
+
+    async def _swap(self, files: tuple[str, ...], manifest: Manifest) -> None:
+        try:
+            await self.reloader.reload_files(files, self.expected)
+            await self.reloader.reset_prefix_cache()
+        except Exception as exc:
+            # The engine may hold part of the new weights: put the old ones back.
+            self.healthy = False
+            self._refuse(ReloadRefused("engine", f"in-place reload failed: {exc}"))
+            try:
+                await self.reloader.reload_files(self.served.files, self.expected)
+                await self.reloader.reset_prefix_cache()
+                self.healthy = True
+            except Exception as restore_exc:
+                log.error("could not restore version %d: %s", self.version, restore_exc)
+            raise ReloadRefused("engine", f"in-place reload failed: {exc}") from exc
+        self.served = Served(manifest.version, manifest.step, files, time.time())
+        self.last_error = ""
+        self._on_change(manifest.version)
+        self._prune_cache()
+
+    def _refuse(self, exc: ReloadRefused) -> None:
+        self.last_error = str(exc)
+        self._on_failure(exc.reason)
+        log.warning(
+            "weights refused (%s), still serving version %d: %s", exc.reason, self.version, exc
+        )
+
+    def _prune_cache(self) -> None:
+        """Keep only the served version among downloaded ones."""
+        served_dir = Path(self.served.files[0]).parent
+        for child in self.cache_dir.glob("v*"):
+            if child != served_dir and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
