@@ -1,0 +1,201 @@
+"""Child processes of a local run: start with a log file, wait for readiness, stop by PID.
+
+Every child gets its own session, so a Ctrl-C reaches only the orchestrator, which then stops
+the children in order (trainer first, Redis last) instead of all of them dying at once. On
+Linux a child is also told to receive SIGTERM if the orchestrator itself dies, so a killed run
+leaves nothing behind. Only processes started here are ever signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+class StartError(RuntimeError):
+    """A piece of the stack could not start; carries the fix and the tail of its log."""
+
+    def __init__(self, message: str, *, fix: str = "", log: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+        self.log = log
+
+    def explain(self) -> str:
+        """The message, the fix and the log tail, ready to print for a person."""
+        parts = [f"error: {self.message}"]
+        if self.fix:
+            parts.append(f"how to fix: {self.fix}")
+        if self.log:
+            parts.append("last lines of its log:\n" + _indent(self.log))
+        return "\n".join(parts)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a log file (empty when there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM when the parent dies (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    """One started process, its log file, and a stop that escalates from SIGTERM to SIGKILL."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log_path = log_path
+
+    @classmethod
+    def start(
+        cls,
+        name: str,
+        args: Sequence[str],
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Child:
+        """Start ``args`` with stdout and stderr appended to ``log_path``."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        return cls(name, proc, log_path)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def tail(self, lines: int = 25) -> str:
+        return log_tail(self.log_path, lines)
+
+    def stop(self, grace_s: float = 15.0) -> int | None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; also end what it left in its session."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                self.proc.wait(10)
+        # Helpers the child spawned (worker pools) share its session's process group, whose id
+        # is the child's PID; the id cannot be reused while any member is alive.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.5)
+        return self.proc.returncode
+
+
+def wait_until(
+    child: Child,
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    timeout_s: float,
+    fix: str,
+    interval_s: float = 0.25,
+) -> None:
+    """Poll ``ready`` until it is true; fail fast with the log tail if the child exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not child.alive():
+            raise StartError(
+                f"{child.name} exited with code {child.returncode()} before {what}",
+                fix=fix,
+                log=child.tail(),
+            )
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise StartError(
+                f"{child.name} was not {what} within {timeout_s:.0f} s",
+                fix=fix,
+                log=child.tail(),
+            )
+        time.sleep(interval_s)
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether GET ``url`` answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            return int(reply.status) == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def grpc_serving(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether the gRPC server at ``address`` answers SERVING to a standard health check."""
+    from services.reward.healthcheck import check
+
+    serving, _ = check(address, "", timeout_s)
+    return serving
+
+
+def find_in_log(path: Path, pattern: re.Pattern[str]) -> str | None:
+    """The first group of the first match of ``pattern`` in the log, or None."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    match = pattern.search(text)
+    return match.group(1) if match else None
+
+
+def stop_all(children: Sequence[Child], grace_s: float = 15.0) -> None:
+    """Stop children in the given order, each by its PID; never raises for one already gone."""
+    for child in children:
+        child.stop(grace_s)

@@ -1,0 +1,479 @@
+"""``mapo up``: the whole stack on one machine, from nothing to a trained model and a report.
+
+In order: warm-start the demo model (or reuse it), measure its held-out accuracy, start a
+private Redis (or use REDIS_URL), the reward service, N inference replicas and the trainer as
+separate processes that talk only through the bus, gRPC and the weight store; follow the
+trainer's metrics with a progress line; measure held-out accuracy again on the same problems
+with the same greedy decoding; stop everything; print a table and write ``summary.json`` and
+``learning_curve.png`` into the run directory. Ctrl-C, SIGTERM or a failing piece stop every
+process this command started, and a piece that cannot start is reported with its fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from services.core.config import ConfigError, RunConfig, load_config
+from services.core.tasks import Example
+from services.stack.processes import (
+    Child,
+    StartError,
+    find_in_log,
+    free_port,
+    grpc_serving,
+    http_ok,
+    stop_all,
+    wait_until,
+)
+from services.stack.progress import (
+    CURVE_FILE,
+    MetricsFollower,
+    ProgressLine,
+    plot_learning_curve,
+    summary_table,
+    write_summary,
+)
+
+DEFAULT_RUN_DIR = "runs/demo"
+DEMO_CONFIG = "configs/demo.toml"
+LISTENING = re.compile(r"mapo-inference listening on (http://\S+)")
+
+#: The service entry points, each named by the file a checkout must contain.
+PIECES = {
+    "reward service": ("services.reward.server", "cli_serve"),
+    "inference service": ("services.inference.server", "cli_serve"),
+    "trainer": ("services.trainer.main", "cli_run"),
+    "held-out evaluation": ("services.trainer.evaluation", "evaluate"),
+}
+
+REWARD_READY_S = 90.0
+INFERENCE_READY_S = 300.0
+
+
+def demo_config_path() -> Path:
+    """The shipped demo config, next to the package in a checkout."""
+    return Path(__file__).resolve().parents[2] / DEMO_CONFIG
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """The run's config: --config or the demo, then --set and the flags (flags win)."""
+    path = Path(args.config) if args.config else demo_config_path()
+    if not path.is_file():
+        raise ConfigError(
+            f"the demo config {path} is missing from this installation; "
+            "pass --config FILE (see configs/ in the repository)"
+        )
+    extra = list(args.overrides or [])
+    if args.steps is not None:
+        extra.append(f"trainer.steps={args.steps}")
+    if args.estimator is not None:
+        extra.append(f"algorithm.estimator={args.estimator}")
+    if args.seed is not None:
+        extra += [f"task.seed={args.seed}", f"trainer.seed={args.seed}"]
+    return load_config(path, overrides=extra), path
+
+
+#: What one RL run leaves in its run directory; a new `mapo up` there replaces all of it (the
+#: warm-started model/ is kept and reused).
+RUN_OUTPUTS = (
+    "checkpoints",
+    "weights",
+    "logs",
+    "redis",
+    "config.toml",
+    "metrics.jsonl",
+    "applied.jsonl",
+    "trainer_state.json",
+    "summary.json",
+    CURVE_FILE,
+)
+
+
+def clear_previous_run(run_dir: Path) -> None:
+    """Remove the outputs of an earlier RL run in ``run_dir`` (only the names a run writes)."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def missing_pieces() -> list[str]:
+    """Service entry points this checkout does not have, as 'name (module.function)'."""
+    missing = []
+    for name, (module, func) in PIECES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(f"{name} ({module.replace('.', '/')}.py, {func})")
+    return missing
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_config(config: RunConfig) -> tuple[str, list[str]]:
+    """The config as TOML, and ``section.field=null`` overrides for the fields that are None.
+
+    TOML has no null, and leaving a field out would bring back its default, so a None travels
+    to the child processes as an explicit override instead.
+    """
+    lines = ["# The effective config of this run, written by `mapo up`."]
+    nulls: list[str] = []
+    for section, values in config.model_dump(mode="json").items():
+        lines.append(f"\n[{section}]")
+        for key, value in values.items():
+            if value is None:
+                nulls.append(f"{section}.{key}=null")
+                lines.append(
+                    f"# {key} = null (passed to the services as --set {section}.{key}=null)"
+                )
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n", nulls
+
+
+def run_config(base: RunConfig, run_dir: Path, redis_url: str, reward_port: int) -> RunConfig:
+    """The base config bound to this run: its directories, its Redis, its ports, its streams."""
+    cfg = base.model_copy(deep=True)
+    tag = uuid.uuid4().hex[:8]
+    cfg.model.path = (
+        str(run_dir / "model") if "path" not in base.model.model_fields_set else cfg.model.path
+    )
+    cfg.weights.store = str(run_dir / "weights")
+    cfg.trainer.run_dir = str(run_dir)
+    cfg.bus.url = redis_url
+    cfg.bus.prompts_stream = f"mapo:{tag}:prompts"
+    cfg.bus.rollouts_stream = f"mapo:{tag}:rollouts"
+    cfg.bus.weights_stream = f"mapo:{tag}:weights"
+    cfg.bus.dead_letter_stream = f"mapo:{tag}:dead"
+    cfg.reward.address = f"127.0.0.1:{reward_port}"
+    cfg.inference.host = "127.0.0.1"
+    cfg.inference.port = 0
+    return cfg
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the cleanup below runs for both."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Stack:
+    """The processes of one run, started in dependency order and stopped in reverse."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, config_file: Path, nulls: list[str]):
+        self.config = config
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+        self.service_args = ["--config", str(config_file)]
+        for item in nulls:
+            self.service_args += ["--set", item]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.reward: Child | None = None
+        self.replicas: list[Child] = []
+        self.trainer: Child | None = None
+        self.inference_urls: list[str] = []
+
+    def _mapo(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "services.cli", *args, *self.service_args]
+
+    def start_reward(self) -> None:
+        host, port = self.config.reward.address.rsplit(":", 1)
+        self.reward = Child.start(
+            "reward service",
+            self._mapo("reward", "serve", "--host", host, "--port", port),
+            log_path=self.logs / "reward.log",
+            env=self.env,
+        )
+        address = self.config.reward.address
+        wait_until(
+            self.reward,
+            lambda: grpc_serving(address, 1.0),
+            what=f"serving on {address}",
+            timeout_s=REWARD_READY_S,
+            fix=f"see {self.reward.log_path}; `mapo reward serve --port 0` runs it alone",
+        )
+
+    def start_inference(self, replicas: int) -> None:
+        for i in range(replicas):
+            name = f"replica-{i}"
+            args = ["inference", "serve", "--model", self.config.model.path]
+            args += ["--host", "127.0.0.1", "--port", "0", "--set", f"inference.replica={name}"]
+            child = Child.start(
+                f"inference {name}",
+                self._mapo(*args),
+                log_path=self.logs / f"inference-{i}.log",
+                env=self.env,
+            )
+            self.replicas.append(child)
+        fix = (
+            "see the log above; `mapo inference serve --model DIR --port 0` runs one replica "
+            "alone. On a small machine try --replicas 1, or lower inference.kv_cache_gib."
+        )
+        for child in self.replicas:
+            url: list[str] = []
+
+            def listening(child: Child = child, url: list[str] = url) -> bool:
+                found = find_in_log(child.log_path, LISTENING)
+                if found:
+                    url.append(found)
+                return bool(found)
+
+            wait_until(child, listening, what="listening", timeout_s=120.0, fix=fix)
+            base = url[0].rstrip("/")
+            wait_until(
+                child,
+                lambda base=base: http_ok(base + "/ready"),
+                what=f"ready at {base}/ready",
+                timeout_s=INFERENCE_READY_S,
+                fix=fix,
+            )
+            self.inference_urls.append(base)
+
+    def start_trainer(self) -> Child:
+        self.trainer = Child.start(
+            "trainer",
+            self._mapo("trainer", "run"),
+            log_path=self.logs / "trainer.log",
+            env=self.env,
+        )
+        return self.trainer
+
+    def services(self) -> list[Child]:
+        return [c for c in [self.reward, *self.replicas] if c is not None]
+
+    def check_services(self) -> None:
+        """Fail with the log tail when a service died while the trainer still needs it."""
+        for child in self.services():
+            if not child.alive():
+                raise StartError(
+                    f"{child.name} exited with code {child.returncode()} during training",
+                    fix=f"see {child.log_path}",
+                    log=child.tail(),
+                )
+
+    def stop(self) -> None:
+        """Trainer first (it checkpoints), then the replicas, then the reward service."""
+        order = [c for c in [self.trainer, *self.replicas, self.reward] if c is not None]
+        stop_all(order)
+
+
+def follow_training(
+    stack: Stack, trainer: Child, bar: ProgressLine, quiet_note_s: float = 120.0
+) -> list[dict[str, Any]]:
+    """Show each step as the trainer logs it, until the trainer exits; fail if it fails."""
+    follower = MetricsFollower(stack.run_dir / "metrics.jsonl")
+    last_progress = time.monotonic()
+    noted = False
+    while trainer.alive():
+        new = follower.poll()
+        for record in new:
+            bar.update(record)
+        if new:
+            last_progress, noted = time.monotonic(), False
+        elif not noted and time.monotonic() - last_progress > quiet_note_s:
+            bar.message(
+                f"no training step for {quiet_note_s:.0f} s; the services are running, "
+                f"see {trainer.log_path} and the inference logs beside it"
+            )
+            noted = True
+        stack.check_services()
+        time.sleep(0.5)
+    for record in follower.poll():
+        bar.update(record)
+    bar.close()
+    if trainer.returncode() != 0:
+        raise StartError(
+            f"the trainer exited with code {trainer.returncode()}",
+            fix=f"see {trainer.log_path}",
+            log=trainer.tail(40),
+        )
+    return follower.records
+
+
+def evaluate_policy(model_dir: Path, store: Path | None, examples: list[Example]) -> float:
+    """Greedy held-out accuracy of the model, with the newest version of ``store`` if any."""
+    from services.stack.evaluate import accuracy, load_policy, newest_weights
+
+    policy = newest_weights(model_dir, store)
+    model, tokenizer = load_policy(policy.model_dir, policy.version_dir)
+    return accuracy(model, tokenizer, examples)
+
+
+def _warm_start(config: RunConfig, run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The starting policy: the configured model, or the warm-started demo model."""
+    if "path" in config.model.model_fields_set:
+        path = Path(config.model.path)
+        if not (path / "config.json").is_file():
+            raise StartError(
+                f"model.path = {path} is not a model directory (no config.json)",
+                fix="point model.path at an HF model directory, or leave it out for the demo model",
+            )
+        print(f"model: {path} (from the config; no warm start)")
+        return path, {"warmstart_seconds": 0.0, "warmstart_reused": False}
+    from services.stack.warmstart import WarmStartSettings, warm_start
+
+    if not config.task.dataset.startswith("builtin:"):
+        raise StartError(
+            "the demo model is warm-started on a built-in task only",
+            fix="set model.path to your own model for a dataset file",
+        )
+    settings = WarmStartSettings(
+        task=config.task.dataset.removeprefix("builtin:"), seed=config.task.seed
+    )
+    result = warm_start(run_dir / "model", settings)
+    return run_dir / "model", {
+        "warmstart_seconds": 0.0 if result.reused else result.seconds,
+        "warmstart_reused": result.reused,
+        "warmstart_steps": result.steps,
+        "warmstart_accuracy": result.accuracy,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Everything ``mapo up`` does; returns the exit code."""
+    t0 = time.monotonic()
+    try:
+        base, source = resolve_config(args)
+    except ConfigError as exc:
+        print(f"mapo up: {exc}", file=sys.stderr)
+        return 2
+    missing = missing_pieces()
+    if missing:
+        print(
+            "mapo up: this installation lacks: " + "; ".join(missing) + ".\n"
+            "how to fix: update your checkout (git pull) and reinstall (make install).",
+            file=sys.stderr,
+        )
+        return 1
+    if args.replicas < 1:
+        print("mapo up: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir or DEFAULT_RUN_DIR).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(run_dir)
+    print(
+        f"mapo up: {base.trainer.steps} steps of {base.algorithm.estimator} with "
+        f"{args.replicas} inference replica(s); config {source}; run directory {run_dir}",
+        flush=True,
+    )
+
+    from services.stack.redis_local import check_url, ensure_redis
+
+    stack: Stack | None = None
+    redis = None
+    try:
+        with sigterm_as_interrupt():
+            model_dir, warm = _warm_start(base, run_dir)
+            from services.stack.evaluate import held_out
+
+            examples = held_out(base)
+            initial = evaluate_policy(model_dir, None, examples)
+            print(f"initial held-out accuracy: {initial:.1%} on {len(examples):,} problems")
+
+            redis = ensure_redis(run_dir / "redis")
+            if redis.child is None:
+                check_url(redis.url)
+            print(f"redis: {redis.source} at {redis.url}", flush=True)
+            config = run_config(base, run_dir, redis.url, free_port())
+            config.model.path = str(model_dir)
+            text, nulls = dump_config(config)
+            config_file = run_dir / "config.toml"
+            config_file.write_text(text)
+
+            t_rl = time.monotonic()
+            stack = Stack(config, run_dir, config_file, nulls)
+            stack.start_reward()
+            print(f"reward service: serving on {config.reward.address}", flush=True)
+            stack.start_inference(args.replicas)
+            print(f"inference: {', '.join(stack.inference_urls)} ready", flush=True)
+            trainer = stack.start_trainer()
+            print(f"trainer: started (logs in {stack.logs})", flush=True)
+            bar = ProgressLine(config.trainer.steps)
+            records = follow_training(stack, trainer, bar)
+            rl_seconds = time.monotonic() - t_rl
+
+            # Stop the services first: the final evaluation then has the machine to itself.
+            stack.stop()
+            stack = None
+            redis.stop()
+            redis = None
+            final = evaluate_policy(model_dir, Path(config.weights.store), examples)
+            steps = max([int(r.get("step", 0)) for r in records] + [0])
+            summary = {
+                "initial_accuracy": initial,
+                "final_accuracy": final,
+                "accuracy_gain": final - initial,
+                "steps": steps,
+                "seconds": round(time.monotonic() - t0, 1),
+                "rl_seconds": round(rl_seconds, 1),
+                "estimator": config.algorithm.estimator,
+                "replicas": args.replicas,
+                "eval_problems": len(examples),
+                "seed": config.task.seed,
+                "config": str(config_file),
+                **warm,
+            }
+            write_summary(run_dir, summary)
+            plot_learning_curve(run_dir / CURVE_FILE, records, initial, (steps, final))
+            print(summary_table(summary))
+            print(f"summary: {run_dir / 'summary.json'}; curve: {run_dir / CURVE_FILE}")
+            return 0
+    except StartError as exc:
+        print("\n" + exc.explain(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nmapo up: interrupted; stopping everything (logs in {run_dir / 'logs'})")
+        return 130
+    finally:
+        if stack is not None:
+            stack.stop()
+        if redis is not None:
+            redis.stop()
+
+
+def main(args: argparse.Namespace, config: RunConfig) -> int:
+    """``mapo up`` (the CLI's parsed config is re-read here with the demo as the base file)."""
+    del config
+    return run(args)

