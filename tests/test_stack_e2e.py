@@ -26,8 +26,8 @@ E2E_STEPS = 12
 TIMEOUT_S = 420
 
 
-def _pids_in_session_of(pid: int) -> list[int]:
-    """Live processes whose session is ``pid``'s (the stack's children each lead their own)."""
+def _live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, session id) of every live, non-zombie process, from /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -37,23 +37,18 @@ def _pids_in_session_of(pid: int) -> list[int]:
         except OSError:
             continue
         # fields: state ppid pgrp session ...
-        if fields[0] != "Z" and int(fields[3]) == pid:
-            found.append(int(entry.name))
+        if fields[0] != "Z":
+            found.append((int(entry.name), int(fields[1]), int(fields[3])))
     return found
 
 
+def _pids_in_session_of(pid: int) -> list[int]:
+    """Live processes whose session is ``pid``'s (the stack's children each lead their own)."""
+    return [p for p, _parent, session in _live_processes() if session == pid]
+
+
 def _children_of(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            out.append(int(entry.name))
-    return out
+    return [p for p, parent, _session in _live_processes() if parent == pid]
 
 
 @pytest.mark.integration

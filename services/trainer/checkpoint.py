@@ -17,8 +17,6 @@ them, falling back to an older checkpoint if the newest is damaged. Nothing is p
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from services.transport.files import atomic_write_bytes, atomic_write_json, fsync_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -51,43 +51,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old or the new content only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -198,8 +161,8 @@ def save_checkpoint(
         save_file(rng_state(generator), str(tmp / RNG_FILE))
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync(path)
-            files[str(path.relative_to(tmp))] = _sha256(path)
+            fsync_path(path)
+            files[str(path.relative_to(tmp))] = sha256_file(path)
         body = {
             "format": FORMAT,
             "step": step,
@@ -208,9 +171,9 @@ def save_checkpoint(
             "files": files,
         }
         atomic_write_json(tmp / STATE_FILE, body)
-        _fsync(tmp / MODEL_DIR)
+        fsync_path(tmp / MODEL_DIR)
         os.rename(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -262,7 +225,7 @@ def read_state(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     if verify:
         for rel, sha in body["files"].items():
             try:
-                digest = _sha256(d / rel)
+                digest = sha256_file(d / rel)
             except FileNotFoundError:
                 raise CheckpointError(f"{d}: {rel} is missing") from None
             if digest != sha:

@@ -29,6 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.transport.files import atomic_write_bytes, fsync_path, sha256_file
+
 if TYPE_CHECKING:
     import torch
 
@@ -108,34 +110,8 @@ class Manifest:
         return manifest
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def version_dir(store: str | Path, version: int) -> Path:
     return Path(store) / f"v{version:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def list_versions(store: str | Path) -> list[int]:
@@ -199,13 +175,13 @@ def write_version(
             ),
         )
         raw = manifest.to_json()
-        _atomic_write(tmp / MANIFEST_FILE, raw)
+        atomic_write_bytes(tmp / MANIFEST_FILE, raw)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write(root / LATEST_FILE, f"{version}\n".encode())
+    atomic_write_bytes(root / LATEST_FILE, f"{version}\n".encode())
     prune(root, keep)
     return final, hashlib.sha256(raw).hexdigest()
 
