@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.stack.processes import free_port
 from tests.test_deploy_tools import (
     PREFIX_JOBS,
     PROMETHEUS_DIR,
@@ -75,12 +76,6 @@ ENTRY_POINTS = {
 
 def _deadline() -> float:
     return time.monotonic() + float(os.environ.get(TIMEOUT_ENV, "240"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 3.0) -> tuple[int, bytes]:

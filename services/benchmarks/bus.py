@@ -32,6 +32,7 @@ import numpy as np
 
 from services.core.config import RunConfig
 from services.core.schemas import Rollout, ScoredGroup, encode
+from services.stack.processes import free_port
 from services.transport import TRAINER_GROUP, RedisBus
 
 GROUP_SIZE = 8
@@ -164,9 +165,7 @@ def redis_for_bench() -> Iterator[str]:
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("no redis-server on PATH; set REDIS_URL to benchmark another server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="mapo-bench-redis-") as d:
         proc = subprocess.Popen(
             [
