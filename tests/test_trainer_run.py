@@ -47,6 +47,7 @@ STEP_FIELDS = [
     "kl",
     "entropy",
     "grad_norm",
+    "lr",
     "staleness_mean",
     "stale_dropped",
     "stale_corrected",

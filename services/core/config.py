@@ -103,6 +103,13 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0.0, le=1e6, description="Max global grad norm.")
     micro_batch: int = Field(64, ge=1, le=65536, description="Sequences per forward/backward.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Rate after warm-up: constant, or a decay over trainer.steps."
+    )
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Steps of linear warm-up.")
+    min_lr_ratio: float = Field(
+        0.0, ge=0.0, le=1.0, description="Final rate of a decay, as a fraction of lr."
+    )
 
 
 class TrainerConfig(_Section):

@@ -265,6 +265,7 @@ class TrainerRun:
         wait_s = time.perf_counter() - t0
 
         # 2. Train on it (in a thread, so the feeder keeps the prompt stream full).
+        lr = self.policy.set_step(self.state.step)
         result = await asyncio.to_thread(
             self.policy.train, batch.groups, batch.staleness, frozenset(batch.corrected)
         )
@@ -283,7 +284,7 @@ class TrainerRun:
             record["eval_accuracy"] = ev.accuracy
 
         # 5. Log the step: one JSON line, the applied ids, Prometheus.
-        record = self._step_record(result.metrics, wait_s, publish_s) | record
+        record = self._step_record(result.metrics, wait_s, publish_s) | record | {"lr": lr}
         self.metrics_log.append(record)
         self.applied_log.append(
             {

@@ -68,6 +68,7 @@ class TrainerMetrics:
         self.kl = Gauge(p + "kl", "KL to the reference model.", registry=r)
         self.entropy = Gauge(p + "entropy", "Mean token entropy.", registry=r)
         self.grad_norm = Gauge(p + "grad_norm", "Pre-clip gradient norm.", registry=r)
+        self.learning_rate = Gauge(p + "learning_rate", "Rate of the last step.", registry=r)
         self.staleness = Histogram(
             p + "staleness",
             "Policy versions between generation and use.",
@@ -165,6 +166,7 @@ class TrainerMetrics:
         put(self.kl, "kl")
         put(self.entropy, "entropy")
         put(self.grad_norm, "grad_norm")
+        put(self.learning_rate, "lr")
         put(self.logprob_mismatch, "logprob_mismatch")
         put(self.phase_seconds.labels(phase="wait"), "wait_s")
         put(self.phase_seconds.labels(phase="compute"), "compute_s")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from services.core.config import RunConfig
+from services.core.schedule import lr_at
 from services.core.schemas import ScoredGroup
 from services.core.tasks import Example
 from services.trainer import checkpoint as ckpt
@@ -116,6 +117,21 @@ class Policy:
             pad_id=pad_id,
             vocab_size=vocab,
         )
+
+    def set_step(self, step: int) -> float:
+        """Set the optimiser's rate for 0-based step ``step`` from the schedule; returns it."""
+        o = self.config.optim
+        lr = lr_at(
+            step,
+            self.config.trainer.steps,
+            o.lr,
+            o.schedule,
+            warmup_steps=o.warmup_steps,
+            min_lr_ratio=o.min_lr_ratio,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def train(
         self,
