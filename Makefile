@@ -9,7 +9,7 @@ LOCK ?= requirements/cpu.lock
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck unit proto proto-check bench lock clean
+.PHONY: install run test lint typecheck unit proto proto-check bench lock clean compose-smoke
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/mapo bench advantages
+
+# The compose stack for real, offline, on a private Docker engine; torn down afterwards
+# (deploy/smoke/compose_smoke.py; needs root and apt for docker.io, debootstrap, prometheus).
+compose-smoke: $(STAMP)
+	$(PY) deploy/smoke/compose_smoke.py $(SMOKE_ARGS)
 
 # Re-pin the whole tree from the current environment (after changing dependencies).
 lock:

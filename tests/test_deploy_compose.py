@@ -310,3 +310,36 @@ def test_reward_healthcheck_against_a_real_grpc_health_server() -> None:
         server.stop(grace=None)
     refused = run([*probe, "--timeout", "1"], timeout=30)
     assert refused.returncode == 1
+
+
+def test_smoke_override_only_shrinks_the_run() -> None:
+    """deploy/smoke/compose.smoke.yml is valid for 1.29 and changes nothing but run settings."""
+    smoke = DEPLOY / "smoke" / "compose.smoke.yml"
+    files = ["-f", str(COMPOSE), "-f", str(smoke)]
+    out = run([binary("docker-compose"), *files, "--profile", "cpu", "config"])
+    assert out.returncode == 0, out.stderr
+    merged = yaml.safe_load(out.stdout)["services"]
+    base = yaml.safe_load(compose("--profile", "cpu", "config").stdout)["services"]
+    assert merged.keys() == base.keys()
+    build_config(environ={k: str(v) for k, v in merged["trainer-cpu"]["environment"].items()})
+    for name, svc in merged.items():
+        assert mounts(svc) == mounts(base[name]), name  # merging may reorder volumes
+        same = {k: v for k, v in svc.items() if k not in ("environment", "volumes")}
+        assert same == {
+            k: v for k, v in base[name].items() if k not in ("environment", "volumes")
+        }, name
+        changed = {
+            k
+            for k, v in svc.get("environment", {}).items()
+            if base[name].get("environment", {}).get(k) != v
+        }
+        assert all(k.startswith("MAPO__") for k in changed), (name, changed)
+
+
+def test_image_overrides_default_to_the_pinned_images(resolved: dict[str, Any]) -> None:
+    """Prometheus and Grafana images can be swapped (offline smoke test), pinned by default."""
+    raw_text = COMPOSE.read_text(encoding="utf-8")
+    assert "${MAPO_PROMETHEUS_IMAGE:-prom/prometheus:v2.55.1}" in raw_text
+    assert resolved["services"]["prometheus"]["image"] == "prom/prometheus:v2.55.1"
+    for name in MAPO_SERVICES:
+        assert resolved["services"][name]["build"]["args"]["OFFLINE"] == "0", name
