@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: RL steps of the bounded run. Measured with the demo's settings (greedy accuracy on the 1,000
 #: held-out problems, in-training evaluations at steps 25 / 50 / 75): seed 0 went from 40.9% to
 #: 49.6% / 54.8% / 56.3% in one run and 49.9% / 53.4% / 54.2% in another (final 55.0% after 80
-#: steps in a third); seed 1 from 40.8% to 48.1% / 49.1% / 52.4%. 80 steps leave room for a run as slow as seed 1's.
+#: steps in a third); seed 1 from 40.8% to 48.1% / 49.1% / 52.4%. 80 steps leave room for a
+#: run as slow as seed 1's.
 LEARNING_STEPS = 80
 #: Minimum rise of held-out accuracy. Both numbers are greedy accuracy on the same 1,000
 #: held-out problems; at p ~ 0.45 one measurement has a binomial std of
