@@ -10,45 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.mapo_up_runner import REPO, assert_nothing_left, run_mapo_up
 
 #: RL steps of the bounded run: enough for several weight versions to reach the replica.
 E2E_STEPS = 12
 #: The bound on the whole run on 2 CPU cores (services ~1 min, RL ~1 min).
 TIMEOUT_S = 420
-
-
-def _live_processes() -> list[tuple[int, int, int]]:
-    """(pid, parent pid, session id) of every live, non-zombie process, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields: state ppid pgrp session ...
-        if fields[0] != "Z":
-            found.append((int(entry.name), int(fields[1]), int(fields[3])))
-    return found
-
-
-def _pids_in_session_of(pid: int) -> list[int]:
-    """Live processes whose session is ``pid``'s (the stack's children each lead their own)."""
-    return [p for p, _parent, session in _live_processes() if session == pid]
-
-
-def _children_of(pid: int) -> list[int]:
-    return [p for p, parent, _session in _live_processes() if parent == pid]
 
 
 @pytest.mark.integration
@@ -63,35 +36,18 @@ def test_mapo_up_trains_through_the_whole_stack_and_cleans_up(tmp_path: Path) ->
         capture_output=True,
     )
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAPO__")}
-    env.pop("REDIS_URL", None)  # a private Redis, like a new user's
-    cmd = [sys.executable, "-m", "services.cli", "up", "--run-dir", str(run_dir)]
-    cmd += ["--steps", str(E2E_STEPS), "--set", f"model.path={model_dir}"]
-    cmd += ["--set", "trainer.eval_every=6"]
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    # Record the stack's children while it runs, to check afterwards that all of them are gone.
-    seen: set[int] = set()
-    while proc.poll() is None and time.monotonic() - started < TIMEOUT_S:
-        for child in _children_of(proc.pid):
-            seen.add(child)
-        time.sleep(1.0)
-    if proc.poll() is None:
-        proc.terminate()
-        out = proc.communicate(timeout=60)[0]
-        pytest.fail(f"mapo up did not finish in {TIMEOUT_S} s:\n{out[-6000:]}")
-    out = proc.communicate()[0]
-    seconds = time.monotonic() - started
-    assert proc.returncode == 0, out[-6000:]
+    args = ["--run-dir", str(run_dir), "--steps", str(E2E_STEPS)]
+    args += ["--set", f"model.path={model_dir}", "--set", "trainer.eval_every=6"]
+    run = run_mapo_up(args, TIMEOUT_S)
+    out = run.out
+    assert run.returncode == 0, out[-6000:]
 
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("initial_accuracy", "final_accuracy", "steps", "seconds"):
         assert key in summary, summary
     assert summary["steps"] == E2E_STEPS
     assert summary["eval_problems"] >= 500
-    assert 0.0 < summary["seconds"] <= seconds + 1
+    assert 0.0 < summary["seconds"] <= run.seconds + 1
     for key in ("initial_accuracy", "final_accuracy"):
         assert 0.0 <= summary[key] <= 1.0 and math.isfinite(summary[key])
     assert "final held-out accuracy" in out  # the summary table
@@ -109,12 +65,4 @@ def test_mapo_up_trains_through_the_whole_stack_and_cleans_up(tmp_path: Path) ->
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(r.get("eval_accuracy") is not None for r in records)
 
-    # Nothing the stack started survives it: each child leads its own session, so anything
-    # still in one of those sessions (the child or what it spawned) is a leftover.
-    assert seen, "mapo up started no child processes"
-    deadline = time.monotonic() + 10
-    leftovers = [q for p in seen for q in _pids_in_session_of(p)]
-    while leftovers and time.monotonic() < deadline:
-        time.sleep(0.2)
-        leftovers = [q for p in seen for q in _pids_in_session_of(p)]
-    assert not leftovers, f"processes left running after mapo up: {leftovers}"
+    assert_nothing_left(run)

@@ -9,17 +9,11 @@ then the same greedy evaluation on the same 1,000 held-out problems before and a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_stack_e2e import _children_of, _pids_in_session_of
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.mapo_up_runner import assert_nothing_left, run_mapo_up
 
 #: RL steps of the bounded run. Measured with the demo's settings (greedy accuracy on the 1,000
 #: held-out problems, in-training evaluations at steps 25 / 50 / 75): seed 0 went from 40.9% to
@@ -44,24 +38,9 @@ TIMEOUT_S = 1200
 @pytest.mark.timeout(TIMEOUT_S + 120)
 def test_mapo_up_with_the_demo_defaults_raises_held_out_accuracy(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAPO__")}
-    env.pop("REDIS_URL", None)
-    cmd = [sys.executable, "-m", "services.cli", "up", "--run-dir", str(run_dir)]
-    cmd += ["--steps", str(LEARNING_STEPS)]
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    seen: set[int] = set()
-    while proc.poll() is None and time.monotonic() - started < TIMEOUT_S:
-        seen.update(_children_of(proc.pid))
-        time.sleep(1.0)
-    if proc.poll() is None:
-        proc.terminate()
-        out = proc.communicate(timeout=60)[0]
-        pytest.fail(f"mapo up did not finish in {TIMEOUT_S} s:\n{out[-6000:]}")
-    out = proc.communicate()[0]
-    assert proc.returncode == 0, out[-6000:]
+    run = run_mapo_up(["--run-dir", str(run_dir), "--steps", str(LEARNING_STEPS)], TIMEOUT_S)
+    out = run.out
+    assert run.returncode == 0, out[-6000:]
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == LEARNING_STEPS and summary["eval_problems"] == 1000
@@ -74,11 +53,4 @@ def test_mapo_up_with_the_demo_defaults_raises_held_out_accuracy(tmp_path: Path)
         f"(need +{MIN_GAIN:.0%} in {LEARNING_STEPS} steps):\n{out[-4000:]}"
     )
     assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    assert seen, "mapo up started no child processes"
-    deadline = time.monotonic() + 10
-    leftovers = [q for p in seen for q in _pids_in_session_of(p)]
-    while leftovers and time.monotonic() < deadline:
-        time.sleep(0.2)
-        leftovers = [q for p in seen for q in _pids_in_session_of(p)]
-    assert not leftovers, f"processes left running after mapo up: {leftovers}"
+    assert_nothing_left(run)
