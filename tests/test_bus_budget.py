@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -15,6 +16,7 @@ from services.transport import (
     InFlightBudget,
     PromptProducer,
 )
+from services.transport import budget as budget_module
 from tests.fixtures.redis import BusSetup, make_group, make_prompt
 
 pytestmark = pytest.mark.timeout(30)
@@ -112,3 +114,66 @@ def test_reconcile_frees_slots_of_prompts_dead_lettered_downstream(bus_setup: Bu
         await bus.close()
 
     asyncio.run(main())
+
+
+def test_reconcile_frees_only_prompts_given_up_on_not_groups_held_in_memory(
+    bus_setup: BusSetup,
+) -> None:
+    """The trainer's queue holds groups it read but has not taken: the streams show them as
+    delivered, yet their prompts are still in flight, so they are not freed slots."""
+
+    async def main() -> None:
+        bus = bus_setup.make()
+        producer = await PromptProducer.restore(bus, bus_setup.config, limit=4)
+        await producer.publish([make_prompt(i) for i in range(4)])
+        await _worker(bus, bus_setup, 3)  # p0..p2 answered
+        (lost,) = await bus.read(bus_setup.config.prompts_stream, INFERENCE_GROUP, "r0", 1)
+        await bus.dead_letter(lost, "cannot generate")  # p3 given up on
+        queue = await bus.read(bus_setup.config.rollouts_stream, TRAINER_GROUP, "t", 10)
+        held = {d.message_id for d in queue}
+        assert held == {"p-00000", "p-00001", "p-00002"}
+
+        assert await producer.reconcile(held=held) == 1
+        assert producer.budget.outstanding() == held
+        assert await producer.reconcile(held=held) == 0  # nothing new given up on
+        producer.returned(queue[:1])  # the trainer takes one group: settled, not freed
+        assert await producer.reconcile(held=held - {"p-00000"}) == 0
+        assert producer.budget.outstanding() == {"p-00001", "p-00002"}
+        await bus.close()
+
+    asyncio.run(main())
+
+
+def test_recounts_see_every_group_past_more_pending_ones_than_the_bound(
+    bus_setup: BusSetup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trainer acks only at checkpoints, so its group holds up to checkpoint_every x
+    prompts_per_step read groups: ``restore`` counts them all (given ``deferred``), and
+    ``reconcile`` skips them yet still finds every group not read yet."""
+    monkeypatch.setattr(budget_module, "RECOUNT_PER_SLOT", 1)
+    monkeypatch.setattr(budget_module, "RECOUNT_SLACK", 0)  # the recount bound: the limit, 2
+    rollouts = bus_setup.config.rollouts_stream
+
+    async def main() -> None:
+        bus = bus_setup.make()
+        await bus.ensure_group(rollouts, TRAINER_GROUP)
+        await bus.publish_many(rollouts, [make_group(f"read{i}") for i in range(6)])
+        assert len(await bus.read(rollouts, TRAINER_GROUP, "t", 6)) == 6  # acks deferred
+        await bus.publish_many(rollouts, [make_group("new0")])
+        everything = {f"read{i}" for i in range(6)} | {"new0"}
+
+        producer = await PromptProducer.restore(bus, bus_setup.config, limit=2, deferred=6)
+        assert producer.budget.outstanding() == everything
+        assert "recount" not in caplog.text
+        # No XPENDING page of the read groups here: the reader names the ones it holds.
+        assert await producer.reconcile(held={f"read{i}" for i in range(6)}) == 0
+        assert producer.budget.outstanding() == everything
+
+        # Told too small a deferred, restore misses some and says what to pass.
+        short = await PromptProducer.restore(bus, bus_setup.config, limit=2)
+        assert short.budget.outstanding() == {"read0", "read1", "new0"}
+        assert "pass PromptProducer.restore a deferred=" in caplog.text
+        await bus.close()
+
+    with caplog.at_level(logging.WARNING, logger="services.transport.budget"):
+        asyncio.run(main())

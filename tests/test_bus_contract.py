@@ -18,7 +18,9 @@ from services.transport import (
     TRAINER_GROUP,
     AppliedLedger,
     Bus,
+    BusError,
     DeferredAcks,
+    redis_bus,
 )
 from services.transport.names import PAYLOAD_FIELD
 from tests.fixtures.redis import BusSetup, RedisServer, make_group, make_prompt, make_weights
@@ -325,6 +327,56 @@ def test_unacked_lists_pending_then_undelivered_messages(bus_setup: BusSetup) ->
             ("p-00002", 0),
             ("p-00003", 0),
         ]
+
+    run(bus_setup, body)
+
+
+def test_unacked_lists_every_undelivered_entry_past_more_pending_ones_than_the_limit(
+    bus_setup: BusSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer that acks only at checkpoints holds many pending groups; the undelivered ones
+    behind them (what the in-flight recount needs) must all still be listed, with no error."""
+    monkeypatch.setattr(redis_bus, "PENDING_PAGE", 2)  # several XPENDING pages on Redis
+
+    async def body(s: BusSetup, bus: Bus) -> None:
+        stream = s.config.rollouts_stream
+        await bus.ensure_group(stream, TRAINER_GROUP)
+        await bus.publish_many(stream, [make_group(f"read{i}") for i in range(7)])
+        read = await bus.read(stream, TRAINER_GROUP, "t", 7)
+        await bus.ack(stream, TRAINER_GROUP, [read[2].entry_id])  # a gap in the pending list
+        await bus.publish_many(stream, [make_group(f"new{i}") for i in range(3)])
+        pending = [f"read{i}" for i in (0, 1, 3, 4, 5, 6)]
+        new = [f"new{i}" for i in range(3)]
+
+        # 6 pending: limit 3 cuts the pending part only; limit 6 (the old "XRANGE count 0")
+        # and anything larger list both parts whole.
+        for limit, want in ((3, pending[:3] + new), (6, pending + new), (50, pending + new)):
+            got = await bus.unacked(stream, TRAINER_GROUP, limit)
+            assert [d.message_id for d in got] == want, limit
+            assert [d.delivery_count for d in got] == [1] * (len(want) - 3) + [0] * 3
+        # Each part is bounded on its own.
+        got = await bus.unacked(stream, TRAINER_GROUP, 2)
+        assert [d.message_id for d in got] == pending[:2] + new[:2]
+        with pytest.raises(BusError, match="limit must be >= 1"):
+            await bus.unacked(stream, TRAINER_GROUP, 0)
+
+    run(bus_setup, body)
+
+
+def test_unacked_without_pending_lists_only_the_undelivered_entries(bus_setup: BusSetup) -> None:
+    async def body(s: BusSetup, bus: Bus) -> None:
+        stream = s.config.rollouts_stream
+        await bus.ensure_group(stream, TRAINER_GROUP)
+        await bus.publish_many(stream, [make_group(f"read{i}") for i in range(5)])
+        await bus.read(stream, TRAINER_GROUP, "t", 5)
+        await bus.publish_many(stream, [make_group(f"new{i}") for i in range(3)])
+        got = await bus.unacked(stream, TRAINER_GROUP, 2, pending=False)
+        assert [(d.message_id, d.delivery_count) for d in got] == [("new0", 0), ("new1", 0)]
+        got = await bus.unacked(stream, TRAINER_GROUP, pending=False)
+        assert [d.message_id for d in got] == ["new0", "new1", "new2"]
+        # Without a group nothing was delivered: the whole stream is undelivered.
+        got = await bus.unacked(stream, "nobody", 3, pending=False)
+        assert [d.message_id for d in got] == ["read0", "read1", "read2"]
 
     run(bus_setup, body)
 

@@ -241,8 +241,13 @@ class Bus(ABC):
         """Entries with id > ``after`` ("-" for all), oldest first."""
 
     @abstractmethod
-    async def _unacked(self, stream: str, group: str, limit: int) -> list[RawEntry]:
-        """Entries the group has not acknowledged: pending ones, then undelivered ones."""
+    async def _unacked(
+        self, stream: str, group: str, limit: int, *, pending: bool
+    ) -> list[RawEntry]:
+        """Entries the group has not acknowledged: the pending ones, oldest first, up to
+        ``limit`` (none unless ``pending``), then the undelivered ones, up to ``limit`` of
+        their own. The last delivered id is read before the pending list, so an entry
+        delivered meanwhile shows up twice rather than not at all."""
 
     @abstractmethod
     async def stats(self, stream: str) -> StreamStats:
@@ -493,11 +498,21 @@ class Bus(ABC):
         """A cursor over every new entry of ``stream`` (fan-out: each follower sees all)."""
         return StreamFollower(self, stream, after, self._expected_kind(stream, expect))
 
-    async def unacked(self, stream: str, group: str, limit: int = 10_000) -> list[Delivery[Any]]:
-        """Valid messages the group has not acknowledged yet (pending first, then not yet
-        delivered), without claiming them. Used to rebuild the in-flight set after a restart."""
+    async def unacked(
+        self, stream: str, group: str, limit: int = 10_000, *, pending: bool = True
+    ) -> list[Delivery[Any]]:
+        """Valid messages the group has not acknowledged yet, without claiming them: the
+        pending ones (``delivery_count`` >= 1), then the never delivered ones (``0``).
+
+        ``limit`` bounds each part on its own, so a long pending list (a trainer that acks
+        only at checkpoints) never hides an undelivered entry. ``pending=False`` skips the
+        pending part and its cost (a lookup per entry) for callers that only need the
+        undelivered ones. Used to rebuild the in-flight set (``PromptProducer``).
+        """
+        if limit < 1:
+            raise BusError(f"unacked: limit must be >= 1, got {limit}")
         out = []
-        for raw in await self._unacked(stream, group, limit):
+        for raw in await self._unacked(stream, group, limit, pending=pending):
             delivery = self._decode_plain(stream, raw, self.kinds.get(stream))
             if delivery is not None:
                 out.append(delivery)

@@ -6,24 +6,36 @@ set of prompt ids, so a duplicate group cannot free a slot twice.
 
 The source of truth is the streams themselves: a prompt is in flight exactly when it is
 unacknowledged in the inference group of the prompts stream, or its group sits in the rollouts
-stream not yet delivered to the trainer. The rollout worker appends a group *before* acking
-its prompt, so reading the prompts side first and the rollouts side second misses nothing.
-:meth:`PromptProducer.restore` rebuilds the set this way after a trainer restart (also
-counting groups the previous run read but never acked, since they will be read again), and
-:meth:`PromptProducer.reconcile` does it while running, which also frees the slots of prompts
-dead-lettered on the inference side.
+stream not yet delivered to the trainer, or the trainer has read its group but not yet taken
+it from its in-memory queue (the streams cannot see that queue, so the trainer names those
+groups). The rollout worker appends a group *before* acking its prompt, so reading the prompts
+side first and the rollouts side second misses nothing. :meth:`PromptProducer.restore`
+rebuilds the set this way after a trainer restart (also counting groups the previous run read
+but never acked, since they will be read again), and :meth:`PromptProducer.reconcile` does it
+while running, which frees the slots of prompts given up on (dead-lettered on the inference
+side) and only those.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Sequence
+import logging
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from services.core.config import BusConfig
 from services.core.schemas import PromptMessage
 from services.transport.base import Bus, BusError, Delivery
 from services.transport.names import INFERENCE_GROUP, TRAINER_GROUP
+
+log = logging.getLogger(__name__)
+
+#: How many unacknowledged entries a recount reads per part (pending, undelivered) of each
+#: stream: RECOUNT_PER_SLOT per in-flight slot plus RECOUNT_SLACK, well past what one run
+#: leaves (at most the in-flight limit), so that leftovers of a previous run with a larger
+#: limit, and groups filtered or dropped between checkpoints, are counted too.
+RECOUNT_PER_SLOT = 10
+RECOUNT_SLACK = 1000
 
 
 class InFlightBudget:
@@ -94,38 +106,59 @@ class PromptProducer:
         rollouts_stream: str,
         prompts_group: str = INFERENCE_GROUP,
         rollouts_group: str = TRAINER_GROUP,
+        deferred: int = 0,
     ) -> None:
+        if deferred < 0:
+            raise ValueError("deferred must be >= 0")
         self.bus = bus
         self.budget = budget
         self.prompts_stream = prompts_stream
         self.rollouts_stream = rollouts_stream
         self.prompts_group = prompts_group
         self.rollouts_group = rollouts_group
+        self.deferred = deferred
 
     @classmethod
-    async def restore(cls, bus: Bus, config: BusConfig, limit: int) -> PromptProducer:
+    async def restore(
+        cls, bus: Bus, config: BusConfig, limit: int, *, deferred: int = 0
+    ) -> PromptProducer:
         """Create both consumer groups if needed and rebuild the in-flight set from the
-        streams (see the module docstring); the way a trainer starts, fresh or resumed."""
+        streams (see the module docstring); the way a trainer starts, fresh or resumed.
+
+        ``deferred``: how many groups the consumer may leave read but unacknowledged, for a
+        trainer ``checkpoint_every * prompts_per_step`` (it acks only at checkpoints). A
+        restart reads them all again, so all must be counted: the recount of the rollouts
+        group's pending entries reads that many more than the in-flight bound. An explicit
+        bound rather than an unbounded scan, so a runaway pending list cannot stall a start.
+        """
         producer = cls(
             bus,
             InFlightBudget(limit),
             prompts_stream=config.prompts_stream,
             rollouts_stream=config.rollouts_stream,
+            deferred=deferred,
         )
         await bus.ensure_group(producer.prompts_stream, producer.prompts_group)
         await bus.ensure_group(producer.rollouts_stream, producer.rollouts_group)
         producer.budget.replace(await producer._outstanding(include_read=True))
         return producer
 
-    async def reconcile(self) -> int:
-        """Recount the in-flight set from the streams; returns how many slots it freed.
+    async def reconcile(self, held: Collection[str] = ()) -> int:
+        """Recount the in-flight set from the streams; returns how many slots it freed: the
+        prompts given up on (dead-lettered by the inference side, trimmed away), nothing else.
 
-        Call it from the task that reads the groups (not concurrently with it), e.g. every
-        few steps: prompts dead-lettered by the inference side are only noticed this way.
+        ``held``: ids of groups the caller has read but not yet settled with :meth:`returned`
+        (the trainer's queue). The streams show them as delivered, so they would otherwise
+        look freed and be re-added by the caller. It is read after the streams, so pass the
+        live collection. Call this from the task that reads the groups and publishes (not
+        concurrently with either), e.g. every few steps.
         """
-        before = self.budget.in_flight
-        self.budget.replace(await self._outstanding(include_read=False))
-        return max(before - self.budget.in_flight, 0)
+        counted = await self._outstanding(include_read=False)
+        # Taken after the await: groups settled meanwhile were not given up on.
+        recount = counted | set(held)
+        freed = len(self.budget.outstanding() - recount)
+        self.budget.replace(recount)
+        return freed
 
     async def publish(self, prompts: Sequence[PromptMessage]) -> list[str]:
         """Publish prompts that fit the budget (all or none); returns their entry ids."""
@@ -158,9 +191,37 @@ class PromptProducer:
         return sum(self.budget.settle(d.message_id) for d in deliveries)
 
     async def _outstanding(self, *, include_read: bool) -> set[str]:
-        limit = 10 * self.budget.limit + 1000
-        prompts = await self.bus.unacked(self.prompts_stream, self.prompts_group, limit)
-        groups = await self.bus.unacked(self.rollouts_stream, self.rollouts_group, limit)
-        ids = {d.message_id for d in prompts}
-        ids |= {d.message_id for d in groups if include_read or d.delivery_count == 0}
-        return ids
+        """Prompt ids in flight per the streams; read groups count only with ``include_read``
+        (while running they are settled by the reader, so their pending list is not even
+        fetched: a trainer between checkpoints holds thousands)."""
+        bound = RECOUNT_PER_SLOT * self.budget.limit + RECOUNT_SLACK
+        prompts = await self.bus.unacked(self.prompts_stream, self.prompts_group, bound)
+        self._warn_if_cut(self.prompts_stream, prompts, bound)
+        bound += self.deferred if include_read else 0
+        groups = await self.bus.unacked(
+            self.rollouts_stream, self.rollouts_group, bound, pending=include_read
+        )
+        self._warn_if_cut(self.rollouts_stream, groups, bound)
+        return {d.message_id for d in prompts} | {d.message_id for d in groups}
+
+    @staticmethod
+    def _warn_if_cut(stream: str, unacked: Sequence[Delivery[Any]], bound: int) -> None:
+        """A part that filled its bound may have been cut: the budget then undercounts and
+        lets more prompts out until those entries are processed. Say so, with the cure."""
+        pending = sum(d.delivery_count > 0 for d in unacked)
+        hints = {
+            "pending": "pass PromptProducer.restore a deferred= covering the groups the "
+            "trainer leaves unacknowledged between checkpoints",
+            "undelivered": "entries left by another producer or an earlier run with a larger "
+            "in_flight; trim the stream if they are not wanted",
+        }
+        for part, n in (("pending", pending), ("undelivered", len(unacked) - pending)):
+            if n >= bound:
+                log.warning(
+                    "in-flight recount read %d %s entries of %s, its bound: the count may be "
+                    "low until they are processed (%s)",
+                    n,
+                    part,
+                    stream,
+                    hints[part],
+                )

@@ -292,22 +292,21 @@ class MemoryBus(Bus):
         start = 0 if after == "-" else s.after(id_key(after))
         return [RawEntry(i, dict(s.fields[i]), 0) for i in s.ids[start : start + count]]
 
-    async def _unacked(self, stream: str, group: str, limit: int) -> list[RawEntry]:
+    async def _unacked(
+        self, stream: str, group: str, limit: int, *, pending: bool
+    ) -> list[RawEntry]:
         self._check_open()
         s = self._stream(stream, create=False)
         g = s.groups.get(group)
         if g is None:
             return await self._range(stream, "-", limit)
-        pending = [
-            RawEntry(i, dict(s.fields[i]), g.pending[i].count)
-            for i in sorted(g.pending, key=id_key)
-            if i in s.fields
-        ][:limit]
+        held: list[RawEntry] = []
+        if pending:
+            ids = [i for i in sorted(g.pending, key=id_key) if i in s.fields][:limit]
+            held = [RawEntry(i, dict(s.fields[i]), g.pending[i].count) for i in ids]
         start = s.after(g.last_id)
-        rest = [
-            RawEntry(i, dict(s.fields[i]), 0) for i in s.ids[start : start + limit - len(pending)]
-        ]
-        return pending + rest
+        rest = [RawEntry(i, dict(s.fields[i]), 0) for i in s.ids[start : start + limit]]
+        return held + rest
 
     async def stats(self, stream: str) -> StreamStats:
         self._check_open()

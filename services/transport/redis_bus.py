@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRYABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, ReadOnlyError, OSError)
+#: Pending entries fetched per round trip when listing them (XPENDING, then XRANGE per id):
+#: small enough for a reply well inside ``op_timeout_s``.
+PENDING_PAGE = 500
 
 
 def redact_url(url: str) -> str:
@@ -330,28 +333,45 @@ class RedisBus(Bus):
 
         return await self._call("XINFO GROUPS", op)
 
-    async def _unacked(self, stream: str, group: str, limit: int) -> list[RawEntry]:
+    async def _unacked(
+        self, stream: str, group: str, limit: int, *, pending: bool
+    ) -> list[RawEntry]:
         info = next((g for g in await self._groups(stream) if _s(g["name"]) == group), None)
         if info is None:
             return await self._range(stream, "-", limit)
+        last_delivered = _s(info["last-delivered-id"])
+        held = await self._pending_entries(stream, group, limit) if pending else []
+        return held + await self._range(stream, last_delivered, limit)
 
-        async def pending_op() -> list[Any]:
-            rows = await self._r.xpending_range(stream, group, min="-", max="+", count=limit)
-            pipe = self._r.pipeline(transaction=False)
-            for row in rows:
-                pipe.xrange(stream, row["message_id"], row["message_id"], count=1)
-            found = await pipe.execute()
-            return [
+    async def _pending_entries(self, stream: str, group: str, limit: int) -> list[RawEntry]:
+        """Up to ``limit`` pending entries with their fields, oldest first, a page per round
+        trip: a trainer between checkpoints holds thousands, too many for one reply."""
+        out: list[RawEntry] = []
+        after = "-"
+        while len(out) < limit:
+            page = min(PENDING_PAGE, limit - len(out))
+            lo = after if after == "-" else f"({after}"
+
+            async def op(lo: str = lo, page: int = page) -> tuple[list[Any], list[Any]]:
+                rows = await self._r.xpending_range(stream, group, min=lo, max="+", count=page)
+                if not rows:
+                    return [], []
+                pipe = self._r.pipeline(transaction=False)
+                for row in rows:
+                    pipe.xrange(stream, row["message_id"], row["message_id"], count=1)
+                return rows, await pipe.execute()
+
+            rows, found = await self._group_call("XPENDING", stream, group, op)
+            # An id whose entry was trimmed away has no fields: it holds no message.
+            out += [
                 RawEntry(_s(row["message_id"]), hit[0][1], int(row["times_delivered"]))
                 for row, hit in zip(rows, found, strict=True)
                 if hit
             ]
-
-        pending: list[RawEntry] = await self._group_call("XPENDING", stream, group, pending_op)
-        rest = await self._range(
-            stream, _s(info["last-delivered-id"]), max(limit - len(pending), 0)
-        )
-        return pending + rest if len(pending) < limit else pending
+            if len(rows) < page:
+                break
+            after = _s(rows[-1]["message_id"])
+        return out
 
     async def stats(self, stream: str) -> StreamStats:
         length = int(await self._call("XLEN", lambda: self._r.xlen(stream)))
