@@ -357,6 +357,16 @@ async def test_worker_publishes_one_scored_group_per_prompt_then_acks(fake_param
     assert all(g.replica == "replica-test" and g.rewards == [1.0] * 4 for g in groups)
     assert stats is not None and stats.pending == 0
     assert service.metrics.groups._value.get() == 7
+    # Where each group's time went: one observation per group and phase.
+    for phase in ("weights_wait", "generate", "decode", "score", "publish"):
+        sample = service.metrics.registry.get_sample_value(
+            "mapo_inference_rollout_seconds_count", {"phase": phase}
+        )
+        assert sample == 7, phase
+    generated = service.metrics.registry.get_sample_value(
+        "mapo_inference_rollout_seconds_sum", {"phase": "generate"}
+    )
+    assert generated == pytest.approx(7 * 0.01)  # FakeService's engine time per request
 
 
 @run

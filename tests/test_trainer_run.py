@@ -54,7 +54,16 @@ STEP_FIELDS = [
     "logprob_mismatch",
     "wait_s",
     "compute_s",
+    "collate_s",
+    "old_s",
+    "ref_s",
+    "forward_s",
+    "backward_s",
+    "optimizer_s",
     "publish_s",
+    "eval_s",
+    "checkpoint_s",
+    "step_s",
     "tokens_per_s",
     "groups_applied",
 ]
@@ -107,6 +116,16 @@ def test_run_publishes_checkpoints_and_logs_every_step(
     for s in steps:
         assert not [f for f in STEP_FIELDS if f not in s]
     assert 0.0 <= steps[-1]["eval_accuracy"] <= 1.0 and "eval_accuracy" not in steps[0]
+    # Where each step's time went: the parts add up to no more than the step, and the phases
+    # that ran only on some steps (evaluation every 3, checkpoint every 2) say so.
+    for s in steps:
+        parts = ("wait_s", "compute_s", "publish_s", "eval_s", "checkpoint_s")
+        assert all(s[k] >= 0.0 for k in parts) and s["step_s"] >= sum(s[k] for k in parts)
+        compute = ("collate_s", "old_s", "ref_s", "forward_s", "backward_s", "optimizer_s")
+        assert s["compute_s"] >= sum(s[k] for k in compute)
+        assert s["forward_s"] > 0 and s["backward_s"] > 0 and s["old_s"] == 0.0
+    assert [s["eval_s"] > 0 for s in steps] == [False, False, True]
+    assert [s["checkpoint_s"] > 0 for s in steps] == [False, True, False]
     assert steps[-1]["groups_applied"] == 12
     status = json.loads((tmp_path / "trainer_state.json").read_text())
     assert status["status"] == "finished" and status["step"] == 3 and status["version"] == 3
@@ -254,6 +273,7 @@ def test_every_documented_trainer_metric_is_exported() -> None:
     record = {"step": 1, "version": 1, "p_mean": 0.5, "lambda_mean": 0.0}
     metrics.record_step(record, [0.5], [0.0], [1])
     exposition = generate_latest(metrics.registry).decode()
+    assert 'mapo_trainer_phase_seconds{phase="forward"}' in exposition
     exported = {
         line.split(" ")[2] for line in exposition.splitlines() if line.startswith("# TYPE ")
     }

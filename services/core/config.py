@@ -134,6 +134,9 @@ class TrainerConfig(_Section):
     publish_every: int = Field(1, ge=1, le=1_000_000, description="Steps between weight versions.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 off.")
     device: str = Field("auto", description="auto, cpu or cuda[:N].")
+    cpu_threads: int = Field(
+        0, ge=0, le=1024, description="torch threads of the trainer process; 0: one per core."
+    )
     seed: int = Field(0, ge=0, description="Torch seed.")
 
 

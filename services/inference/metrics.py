@@ -24,6 +24,11 @@ RATE_WINDOW_S = 10.0
 # Why a version was not loaded (see services/inference/weights.py).
 RELOAD_FAILURE_REASONS = ("missing", "unavailable", "corrupt", "mismatch", "incompatible", "engine")
 RELOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Where a scored group's time goes in the rollout worker (services/inference/rollout_worker.py).
+ROLLOUT_PHASES = ("weights_wait", "generate", "decode", "score", "publish")
+ROLLOUT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
 
 
 class TokenRate:
@@ -89,6 +94,15 @@ class InferenceMetrics:
         self.groups = Counter(
             PREFIX + "groups", "Scored groups appended to the rollouts stream.", registry=r
         )
+        self.rollout_seconds = Histogram(
+            PREFIX + "rollout_seconds",
+            "Time of each phase of one scored group in the rollout worker.",
+            ["phase"],
+            buckets=ROLLOUT_BUCKETS,
+            registry=r,
+        )
+        for phase in ROLLOUT_PHASES:
+            self.rollout_seconds.labels(phase)
         self.requests = Counter(
             PREFIX + "requests", "HTTP requests.", ["route", "code"], registry=r
         )

@@ -3,7 +3,9 @@
 Per prompt: generate G samples in one engine request (so the group has one weight version),
 score them with the reward service, append the scored group to the rollouts stream, and only
 then acknowledge the prompt. Up to ``inference.prompts_per_batch`` prompts are in flight at
-once, so the engine batches them; a slot is refilled as soon as its prompt is done.
+once, so the engine batches them; a slot is refilled as soon as its prompt is done. Each group's
+time in each phase (waiting for a weight reload, generating, decoding, scoring, publishing) is
+observed in ``mapo_inference_rollout_seconds{phase}``.
 
 Failures never crash the service: an unreachable reward service is retried with backoff while
 the prompt stays held; a bus or engine failure gives the prompt back for redelivery (the bus
@@ -238,8 +240,10 @@ class RolloutWorker:
         prompt = delivery.message
         try:
             group = await self.rollout(prompt)
+            started = time.perf_counter()
             await self.bus.publish(self.rollouts_stream, group)
             await self.bus.ack(self.prompts_stream, self.group, [delivery.entry_id])
+            self._observe("publish", time.perf_counter() - started)
             self.service.metrics.groups.inc()
         except PromptRejected as exc:
             log.warning("dead-lettering prompt %s: %s", prompt.prompt_id, exc)
@@ -269,13 +273,26 @@ class RolloutWorker:
         if len(ids) >= limit:
             raise PromptRejected(f"the prompt has {len(ids)} tokens; the context is {limit}")
         params = rollout_params(prompt, min(prompt.max_tokens, limit - len(ids)))
+        started = time.perf_counter()
         gen = await self.service.generate([ids], params)
+        waited = time.perf_counter() - started
+        # The engine's own time; the rest is waiting at the version gate (a reload running).
+        self._observe("generate", gen.seconds)
+        self._observe("weights_wait", max(waited - gen.seconds, 0.0))
         output = gen.outputs[0]
+        started = time.perf_counter()
         texts = [self.service.decode(c.token_ids) for c in output.outputs]
+        self._observe("decode", time.perf_counter() - started)
+        started = time.perf_counter()
         scores = await self._score(prompt, texts)
+        self._observe("score", time.perf_counter() - started)
         return build_group(
             prompt, output, texts, scores, version=gen.version, replica=self.service.replica
         )
+
+    def _observe(self, phase: str, seconds: float) -> None:
+        """One group's time in ``phase`` (``mapo_inference_rollout_seconds``)."""
+        self.service.metrics.rollout_seconds.labels(phase).observe(seconds)
 
     async def _score(self, prompt: PromptMessage, completions: list[str]) -> Sequence[Any]:
         """Score a group, retrying with backoff while the reward service is unreachable."""

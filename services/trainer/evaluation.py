@@ -29,6 +29,18 @@ def is_correct(completion: str, answer: str) -> bool:
     return completion.strip() == answer.strip()
 
 
+def left_pad(encoded: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left (generation continues every row at the same column), and
+    the attention mask."""
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+        mask[i, width - len(e) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def greedy_completions(
     model: Any,
@@ -51,12 +63,8 @@ def greedy_completions(
                 tokenizer(p, add_special_tokens=False)["input_ids"]
                 for p in prompts[lo : lo + batch_size]
             ]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(encoded), width), dtype=torch.long)
-            for i, e in enumerate(encoded):
-                ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
-                mask[i, width - len(e) :] = 1
+            ids, mask = left_pad(encoded, pad)
+            width = ids.shape[1]
             generated = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

@@ -57,7 +57,12 @@ def forward_logprobs(
     with_raw: bool = False,
     amp_dtype: torch.dtype | None = None,
 ) -> TokenScores:
-    """One forward pass over rows already trimmed to their longest sequence (keeps grad)."""
+    """One forward pass over rows already trimmed to their longest sequence.
+
+    ``logprobs`` keeps the graph (when grad is enabled); the entropy and the raw log-probs are
+    diagnostics, always computed without one, so asking for them from a forward pass with grad
+    adds no backward work.
+    """
     with autocast(input_ids.device, amp_dtype):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logits = logits[:, :-1].float()
@@ -67,12 +72,14 @@ def forward_logprobs(
     logp_all = torch.log_softmax(scaled, dim=-1)
     logprobs = logp_all.gather(-1, targets).squeeze(-1)
     entropy = None
-    if with_entropy:
-        # 0 * log 0 is NaN in floating point; its limit, 0, is the right term.
-        entropy = -(logp_all.exp() * logp_all).nan_to_num(0.0).sum(-1)
     raw = None
-    if with_raw and t != 1.0:
-        raw = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+    with torch.no_grad():
+        if with_entropy:
+            # 0 * log 0 is NaN in floating point; its limit, 0, is the right term.
+            lp = logp_all.detach()
+            entropy = -(lp.exp() * lp).nan_to_num(0.0).sum(-1)
+        if with_raw and t != 1.0:
+            raw = torch.log_softmax(logits.detach(), dim=-1).gather(-1, targets).squeeze(-1)
     return TokenScores(logprobs, entropy, raw)
 
 

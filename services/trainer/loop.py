@@ -204,7 +204,14 @@ class TrainerRun:
         self._install_signal_handlers()
         feeder: asyncio.Task[None] | None = None
         try:
-            self.producer = await PromptProducer.restore(self.bus, cfg.bus, cfg.trainer.in_flight)
+            # Acks wait for the next checkpoint: a restart finds up to a checkpoint's worth of
+            # groups read but unacknowledged, all in flight again.
+            self.producer = await PromptProducer.restore(
+                self.bus,
+                cfg.bus,
+                cfg.trainer.in_flight,
+                deferred=cfg.trainer.checkpoint_every * cfg.trainer.prompts_per_step,
+            )
             await self._start()
             feeder = asyncio.create_task(self._feed(), name="trainer-feeder")
             while self.state.step < cfg.trainer.steps and not self.stopping.is_set():
@@ -279,13 +286,15 @@ class TrainerRun:
 
         # 4. Evaluate on the held-out set now and then.
         record: dict[str, Any] = {}
+        eval_s = 0.0
         if cfg.eval_every and self.eval_set and self.state.step % cfg.eval_every == 0:
+            t = time.perf_counter()
             ev = await asyncio.to_thread(self.policy.evaluate, self.eval_set)
+            eval_s = time.perf_counter() - t
             record["eval_accuracy"] = ev.accuracy
 
-        # 5. Log the step: one JSON line, the applied ids, Prometheus.
-        record = self._step_record(result.metrics, wait_s, publish_s) | record | {"lr": lr}
-        self.metrics_log.append(record)
+        # 5. The applied ids, before any checkpoint can cover them (surviving_lineage needs
+        #    every checkpointed step in applied.jsonl).
         self.applied_log.append(
             {
                 "step": self.state.step,
@@ -295,17 +304,29 @@ class TrainerRun:
                 "dapo_filtered_ids": batch.filtered_ids,
             }
         )
-        self.metrics.record_step(record, result.p, result.lam, result.staleness)
-        await self._record_bus()
 
         # 6. Checkpoint, then acknowledge what it covers.
+        checkpoint_s = 0.0
         if self.state.step % cfg.checkpoint_every == 0:
+            t = time.perf_counter()
             await self._checkpoint()
+            checkpoint_s = time.perf_counter() - t
+
+        # 7. Log the step, with where its time went: one JSON line, Prometheus.
+        timings = {
+            "wait_s": wait_s,
+            "publish_s": publish_s,
+            "eval_s": eval_s,
+            "checkpoint_s": checkpoint_s,
+            "step_s": time.perf_counter() - t0,
+        }
+        record = self._step_record(result.metrics, timings) | record | {"lr": lr}
+        self.metrics_log.append(record)
+        self.metrics.record_step(record, result.p, result.lam, result.staleness)
+        await self._record_bus()
         self._write_status("running")
 
-    def _step_record(
-        self, m: dict[str, float | None], wait_s: float, publish_s: float
-    ) -> dict[str, Any]:
+    def _step_record(self, m: dict[str, float | None], timings: dict[str, float]) -> dict[str, Any]:
         c = self.state.counters
         assert self.producer is not None
         return {
@@ -313,8 +334,7 @@ class TrainerRun:
             "version": self.state.version,
             "time": time.time(),
             **m,
-            "wait_s": wait_s,
-            "publish_s": publish_s,
+            **timings,
             "groups_applied": c["groups_applied"],
             "stale_dropped": c["stale_dropped"],
             "stale_corrected": c["stale_corrected"],
@@ -492,10 +512,8 @@ class TrainerRun:
                     self.unconsumed.add(d.message_id)
                     self.queue.put_nowait(d)
                 if time.monotonic() - last_reconcile >= RECONCILE_EVERY_S:
-                    freed = await self.producer.reconcile()
                     # The streams cannot see the queue: its groups are still in flight.
-                    budget = self.producer.budget
-                    budget.replace(budget.outstanding() | self.unconsumed)
+                    freed = await self.producer.reconcile(held=self.unconsumed)
                     if freed:
                         log.info("freed %d in-flight slots of prompts given up on", freed)
                     last_reconcile = time.monotonic()

@@ -17,6 +17,12 @@ def cli_run(args: argparse.Namespace, config: RunConfig) -> int:
         level=os.environ.get("MAPO_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if config.trainer.cpu_threads:
+        import torch
+
+        # On a machine the trainer shares with inference replicas, one team of threads per
+        # core in each process oversubscribes the cores; the config splits them instead.
+        torch.set_num_threads(config.trainer.cpu_threads)
     from services.trainer.loop import RunDirError, run
 
     try:

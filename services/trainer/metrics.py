@@ -26,6 +26,23 @@ PREFIX = "mapo_trainer_"
 UNIT_BUCKETS = tuple(i / 10 for i in range(11))
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16, 32)
 PUBLISH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: ``mapo_trainer_phase_seconds{phase}``, each from the step record's ``{phase}_s``. ``step`` is
+#: the whole step; wait, compute, publish, eval and checkpoint are its parts, and collate, old,
+#: ref, forward, backward and optimizer are the parts of compute.
+PHASES = (
+    "wait",
+    "compute",
+    "collate",
+    "old",
+    "ref",
+    "forward",
+    "backward",
+    "optimizer",
+    "publish",
+    "eval",
+    "checkpoint",
+    "step",
+)
 
 
 class TrainerMetrics:
@@ -118,7 +135,7 @@ class TrainerMetrics:
             self.clip_fraction.labels(side=side)
         for action in ("dropped", "corrected"):
             self.stale_groups.labels(action=action)
-        for phase in ("wait", "compute", "publish"):
+        for phase in PHASES:
             self.phase_seconds.labels(phase=phase)
         for split in ("train", "eval"):
             self.accuracy.labels(split=split)
@@ -168,9 +185,8 @@ class TrainerMetrics:
         put(self.grad_norm, "grad_norm")
         put(self.learning_rate, "lr")
         put(self.logprob_mismatch, "logprob_mismatch")
-        put(self.phase_seconds.labels(phase="wait"), "wait_s")
-        put(self.phase_seconds.labels(phase="compute"), "compute_s")
-        put(self.phase_seconds.labels(phase="publish"), "publish_s")
+        for phase in PHASES:
+            put(self.phase_seconds.labels(phase=phase), f"{phase}_s")
         put(self.tokens_per_second, "tokens_per_s")
 
     def record_bus(self, stats: Iterable[StreamStats], dead_letter_stream: str) -> None:

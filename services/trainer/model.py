@@ -28,6 +28,7 @@ from services.trainer import checkpoint as ckpt
 from services.trainer.batch import collate
 from services.trainer.evaluation import EvalResult, evaluate
 from services.trainer.step import StepResult, StepSettings, train_step
+from services.trainer.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,21 @@ class Policy:
         staleness: Mapping[str, int],
         corrected: frozenset[str],
     ) -> StepResult:
-        """Collate ``groups`` and apply them in one step; adds timing and token counts."""
+        """Collate ``groups`` and apply them in one step; adds timing and token counts.
+
+        ``compute_s`` is the whole call; ``collate_s`` (padding, host to device) and the step's
+        own phases (:func:`train_step`) are parts of it.
+        """
         start = time.perf_counter()
-        batch = collate(
-            groups,
-            pad_id=self.pad_id,
-            max_len=self.config.model.max_model_len,
-            staleness=staleness,
-            correct=corrected,
-        ).to(self.device)
+        timer = PhaseTimer(self.device)
+        with timer.phase("collate"):
+            batch = collate(
+                groups,
+                pad_id=self.pad_id,
+                max_len=self.config.model.max_model_len,
+                staleness=staleness,
+                correct=corrected,
+            ).to(self.device)
         result = train_step(
             self.model,
             self.optimizer,
@@ -155,6 +162,7 @@ class Policy:
             self.settings,
             ref_model=self.ref_model,
             generator=self.generator,
+            timer=timer,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

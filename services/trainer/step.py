@@ -5,9 +5,21 @@ importance weights for stale groups, then one clipped AdamW step per PPO epoch, 
 diagnostics. Everything numeric (advantages, the loss) comes from ``services.core``; this module
 only feeds it tensors and micro-batches the model.
 
+PPO's "old" policy is the policy before the first update. In general (``ppo_epochs > 1``) its
+log-probs are computed once, without gradients, before any update, and stay fixed while the
+epochs move the model. With one epoch (the default) the old policy *is* the policy the only
+update differentiates: the old log-probs equal the detached log-probs of that update's own
+forward pass, so the ratio is exactly 1. The *fused* path then runs one forward pass per
+micro-batch instead of two, and takes the old log-probs, the entropy and the untempered
+log-probs from it.
+
 Micro-batching does not change the objective: each micro-batch's loss is weighted by its share
 of what the aggregation divides by (tokens for token_mean, sequences with tokens for seq_mean,
 rows for token_sum), so the summed gradient equals that of the whole batch at once.
+
+Each phase is timed (:class:`~services.trainer.timing.PhaseTimer`): ``old_s``, ``ref_s``,
+``forward_s``, ``backward_s`` (both summed over micro-batches and epochs), ``optimizer_s``
+(grad clip and step).
 """
 
 from __future__ import annotations
@@ -24,7 +36,14 @@ from torch import Tensor, nn
 from services.core.advantages import AdvantageResult, compute_advantages_ragged
 from services.core.loss import policy_loss
 from services.trainer.batch import TrainBatch
-from services.trainer.logprobs import TokenScores, forward_logprobs, row_slices, score_tokens
+from services.trainer.logprobs import (
+    TokenScores,
+    effective_temperature,
+    forward_logprobs,
+    row_slices,
+    score_tokens,
+)
+from services.trainer.timing import PhaseTimer
 
 if TYPE_CHECKING:
     from services.core.config import RunConfig
@@ -98,9 +117,23 @@ def train_step(
     *,
     ref_model: nn.Module | None = None,
     generator: torch.Generator | None = None,
+    timer: PhaseTimer | None = None,
+    fused: bool | None = None,
 ) -> StepResult:
-    """Apply one batch to ``model``: ``s.ppo_epochs`` clipped AdamW steps; return diagnostics."""
+    """Apply one batch to ``model``: ``s.ppo_epochs`` clipped AdamW steps; return diagnostics.
+
+    ``fused`` (default: ``s.ppo_epochs == 1``) takes the old log-probs from the update's own
+    forward pass; False forces the separate old-policy pass (tests and benchmarks compare them).
+    """
     ids, attn = batch.input_ids, batch.attention_mask
+    timer = timer if timer is not None else PhaseTimer(ids.device)
+    # One epoch: the old log-probs come from the update's own forward pass (module docstring).
+    if fused is None:
+        fused = s.ppo_epochs == 1
+    if fused and s.ppo_epochs != 1:
+        raise ValueError(
+            "the fused forward pass needs ppo_epochs == 1: later epochs need fixed old log-probs"
+        )
 
     def score(m: nn.Module, *, extras: bool = False) -> TokenScores:
         return score_tokens(
@@ -115,16 +148,20 @@ def train_step(
         )
 
     # 1. The policy before the update is PPO's "old" policy; also the token entropy and the
-    #    untempered log-probs, which are what the inference engine reports.
-    old = score(model, extras=True)
-    old_raw = old.raw_logprobs if old.raw_logprobs is not None else old.logprobs
+    #    untempered log-probs, which are what the inference engine reports. Fixed here, before
+    #    the first update; the fused path gets them from the update's forward pass instead.
+    old: TokenScores | None = None
+    if not fused:
+        with timer.phase("old"):
+            old = score(model, extras=True)
 
     # 2. The frozen reference policy, for the KL loss.
     ref = None
     if s.kl_coef > 0.0:
         if ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
-        ref = score(ref_model).logprobs
+        with timer.phase("ref"):
+            ref = score(ref_model).logprobs
 
     # 3. Advantages per group, keyed by group id: shuffling the rows cannot change them.
     adv = compute_advantages_ragged(
@@ -141,29 +178,31 @@ def train_step(
     advantages = adv.advantages.to(torch.float32)
 
     # 4. Stale groups kept under stale_policy="correct" get w = min(pi_old / mu, tis_cap) per
-    #    token, mu being the policy that generated them; every other row weighs exactly 1.
-    behaviour = None
-    if s.tis_cap is not None and bool(batch.correct.any()):
-        # Shifting by (tempered - raw) turns raw - raw into the ratio the loss computes.
-        shifted = batch.behaviour_logprobs + (old.logprobs - old_raw)
-        behaviour = torch.where(batch.correct[:, None], shifted, old.logprobs)
+    #    token, mu being the policy that generated them; every other row weighs exactly 1
+    #    (built per micro-batch from the old log-probs: see _behaviour).
+    tis = s.tis_cap is not None and bool(batch.correct.any())
 
     # 5. PPO epochs: micro-batched forward/backward, grad-norm clip, one AdamW step each.
     params = [p for p in model.parameters() if p.requires_grad]
     loss_stats: dict[str, float] = {}
     grad_norms: list[float] = []
     for _ in range(s.ppo_epochs):
-        epoch_stats = _backward(model, batch, old.logprobs, advantages, ref, behaviour, s)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
-        if math.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            log.warning("non-finite gradient norm %s: optimiser step skipped", grad_norm)
-        optimizer.zero_grad(set_to_none=True)
+        epoch = _backward(model, batch, advantages, ref, s, timer, old=old, tis=tis)
+        if old is None:  # fused: that forward pass was the old policy's
+            old = epoch.scores
+        with timer.phase("optimizer"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
+            if math.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                log.warning("non-finite gradient norm %s: optimiser step skipped", grad_norm)
+            optimizer.zero_grad(set_to_none=True)
         grad_norms.append(grad_norm)
-        loss_stats = loss_stats or epoch_stats  # report the first (on-policy) epoch
+        loss_stats = loss_stats or epoch.stats  # report the first (on-policy) epoch
+    assert old is not None
 
     # 6. Diagnostics.
+    old_raw = old.raw_logprobs if old.raw_logprobs is not None else old.logprobs
     metrics = _diagnostics(batch, adv, old.entropy, old_raw)
     metrics.update(loss_stats)
     metrics["grad_norm"] = grad_norms[0] if math.isfinite(grad_norms[0]) else None
@@ -171,6 +210,7 @@ def train_step(
     staleness = torch.zeros(len(batch.group_ids), dtype=torch.long)
     staleness.scatter_(0, batch.group_index.cpu(), batch.staleness.cpu())
     metrics["staleness_mean"] = float(staleness.to(torch.float64).mean())
+    metrics.update(timer.fields())
     return StepResult(
         metrics=metrics,
         p=adv.groups.p.tolist(),
@@ -188,17 +228,49 @@ def _micro_weight(mask: Tensor, batch_mask: Tensor, agg: str) -> float:
     return mask.shape[0] / max(batch_mask.shape[0], 1)
 
 
+def _behaviour(
+    behaviour_logprobs: Tensor, correct: Tensor, old_logprobs: Tensor, old_raw: Tensor
+) -> Tensor:
+    """What the loss takes as mu: for corrected rows the engine's log-probs, shifted by
+    (tempered - raw) so that raw - raw becomes the ratio the loss computes; for every other
+    row pi_old itself, so that its weight is exactly 1."""
+    shifted = behaviour_logprobs + (old_logprobs - old_raw)
+    return torch.where(correct[:, None], shifted, old_logprobs)
+
+
+@dataclass
+class _Epoch:
+    stats: dict[str, float]
+    """Token-weighted loss statistics of the epoch."""
+    scores: TokenScores | None
+    """Fused path only: the detached log-probs, entropy and raw log-probs of its forward."""
+
+
 def _backward(
     model: nn.Module,
     batch: TrainBatch,
-    old_logprobs: Tensor,
     advantages: Tensor,
     ref: Tensor | None,
-    behaviour: Tensor | None,
     s: StepSettings,
-) -> dict[str, float]:
-    """Accumulate the whole batch's loss gradient; return token-weighted loss statistics."""
+    timer: PhaseTimer,
+    *,
+    old: TokenScores | None,
+    tis: bool,
+) -> _Epoch:
+    """Accumulate the whole batch's loss gradient; return token-weighted loss statistics.
+
+    ``old`` is the old policy's scores, or None for the fused path: each micro-batch's old
+    log-probs are then the detached log-probs of its own forward pass, which also yields the
+    entropy and raw log-probs (collected, batch-shaped, into the returned scores).
+    """
+    fused = old is None
     lengths = batch.attention_mask.sum(-1)
+    shape = (batch.size, batch.input_ids.shape[1] - 1)
+    zeros = torch.zeros(shape, dtype=torch.float32, device=batch.input_ids.device)
+    raw_needed = effective_temperature(s.temperature) != 1.0
+    collected = (
+        TokenScores(zeros, zeros.clone(), zeros.clone() if raw_needed else None) if fused else None
+    )
     sums: dict[str, float] = defaultdict(float)
     ratio_min, ratio_max = math.inf, -math.inf
     tokens = 0.0
@@ -206,30 +278,51 @@ def _backward(
         n = max(int(lengths[rows].max()), 2)
         cols = slice(0, n - 1)
         m = batch.response_mask[rows, cols]
-        lp = forward_logprobs(
-            model,
-            batch.input_ids[rows, :n],
-            batch.attention_mask[rows, :n],
-            temperature=s.temperature,
-            amp_dtype=s.amp_dtype,
-        ).logprobs
-        out = policy_loss(
-            lp,
-            old_logprobs[rows, cols],
-            advantages[rows],
-            m,
-            clip_low=s.clip_low,
-            clip_high=s.clip_high,
-            dual_clip=s.dual_clip,
-            agg=s.loss_agg,
-            ref_logprobs=None if ref is None else ref[rows, cols],
-            kl_coef=s.kl_coef,
-            kl_type=s.kl_type,
-            behaviour_logprobs=None if behaviour is None else behaviour[rows, cols],
-            tis_cap=s.tis_cap if behaviour is not None else None,
-        )
-        weight = _micro_weight(m, batch.response_mask, s.loss_agg)
-        (out.loss * weight).backward()  # type: ignore[no-untyped-call]
+        with timer.phase("forward"):
+            scored = forward_logprobs(
+                model,
+                batch.input_ids[rows, :n],
+                batch.attention_mask[rows, :n],
+                temperature=s.temperature,
+                with_entropy=fused,
+                with_raw=fused,
+                amp_dtype=s.amp_dtype,
+            )
+            lp = scored.logprobs
+            if collected is not None:
+                old_lp = lp.detach()
+                old_raw = scored.raw_logprobs if scored.raw_logprobs is not None else old_lp
+                _put(collected, rows, cols, old_lp, scored.entropy, scored.raw_logprobs)
+            else:
+                assert old is not None
+                old_lp = old.logprobs[rows, cols]
+                raw = old.raw_logprobs if old.raw_logprobs is not None else old.logprobs
+                old_raw = raw[rows, cols]
+            behaviour = (
+                _behaviour(
+                    batch.behaviour_logprobs[rows, cols], batch.correct[rows], old_lp, old_raw
+                )
+                if tis
+                else None
+            )
+            out = policy_loss(
+                lp,
+                old_lp,
+                advantages[rows],
+                m,
+                clip_low=s.clip_low,
+                clip_high=s.clip_high,
+                dual_clip=s.dual_clip,
+                agg=s.loss_agg,
+                ref_logprobs=None if ref is None else ref[rows, cols],
+                kl_coef=s.kl_coef,
+                kl_type=s.kl_type,
+                behaviour_logprobs=behaviour,
+                tis_cap=s.tis_cap if behaviour is not None else None,
+            )
+            weight = _micro_weight(m, batch.response_mask, s.loss_agg)
+        with timer.phase("backward"):
+            (out.loss * weight).backward()  # type: ignore[no-untyped-call]
         n_tok = float(m.sum())
         tokens += n_tok
         sums["loss"] += float(out.loss.detach()) * weight
@@ -255,7 +348,23 @@ def _backward(
             stats[key] = stats[key] / max(tokens, 1.0)
     stats["ratio_min"] = ratio_min if tokens else 1.0
     stats["ratio_max"] = ratio_max if tokens else 1.0
-    return stats
+    return _Epoch(stats, collected)
+
+
+def _put(
+    into: TokenScores,
+    rows: slice,
+    cols: slice,
+    logprobs: Tensor,
+    entropy: Tensor | None,
+    raw: Tensor | None,
+) -> None:
+    """Write one micro-batch's detached scores into the batch-shaped ones (as score_tokens)."""
+    into.logprobs[rows, cols] = logprobs
+    if into.entropy is not None and entropy is not None:
+        into.entropy[rows, cols] = entropy
+    if into.raw_logprobs is not None and raw is not None:
+        into.raw_logprobs[rows, cols] = raw
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> float | None:
