@@ -15,22 +15,18 @@ import pytest
 
 from tests.mapo_up_runner import assert_nothing_left, run_mapo_up
 
-#: RL steps of the bounded run. Measured with the demo's settings (greedy accuracy on the 1,000
-#: held-out problems, in-training evaluations at steps 25 / 50 / 75): seed 0 went from 40.9% to
-#: 49.6% / 54.8% / 56.3% in one run and 49.9% / 53.4% / 54.2% in another (final 55.0% after 80
-#: steps in a third); seed 1 from 40.8% to 48.1% / 49.1% / 52.4%. 80 steps leave room for a
-#: run as slow as seed 1's.
+#: RL steps of the bounded run: the test budgets work in steps, never in seconds, so a slower
+#: machine takes longer but is held to the same bar.
 LEARNING_STEPS = 80
 #: Minimum rise of held-out accuracy. Both numbers are greedy accuracy on the same 1,000
 #: held-out problems; at p ~ 0.45 one measurement has a binomial std of
 #: sqrt(0.45 * 0.55 / 1000) = 1.6 points, so a difference of two has a std of at most 2.2 points
 #: (less, since the problems are shared). A rise of 8 points is more than 3.5 std of that noise:
-#: a run that did not learn passes with a probability below 1e-3, while the measured runs
-#: gained 11-15 points in this many steps.
+#: a run that did not learn passes with a probability below 1e-3.
 MIN_GAIN = 0.08
-#: 444 s on 2 quiet cores in a CI run (warm start 224 s, services and 80 RL steps 207 s; it
-#: gained 14.1 points); 893 s when the machine was shared with other heavy work.
-TIMEOUT_S = 1200
+#: Only a hang should ever hit this: several times the slowest run measured (a machine 2.5x
+#: slower per step than the one the figures in docs/local-run.md come from, under load).
+TIMEOUT_S = 3000
 
 
 @pytest.mark.integration

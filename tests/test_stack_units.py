@@ -301,10 +301,10 @@ def test_encoded_examples_train_on_the_answer_only(tiny_model: Path) -> None:
 def test_warm_start_writes_a_model_and_reuses_it(tmp_path: Path) -> None:
     from services.stack.warmstart import MARKER, WarmStartSettings, warm_start
 
-    settings = WarmStartSettings(size="tiny", max_steps=3, eval_every=3, eval_problems=16)
+    settings = WarmStartSettings(size="tiny", max_steps=3, eval_every=3, val_problems=16)
     lines: list[str] = []
     first = warm_start(tmp_path / "model", settings, log=lines.append)
-    assert not first.reused and first.steps == 3
+    assert not first.reused and first.steps == first.trained_steps == 3
     assert (tmp_path / "model" / "config.json").is_file() and (
         tmp_path / "model" / MARKER
     ).is_file()
@@ -313,11 +313,103 @@ def test_warm_start_writes_a_model_and_reuses_it(tmp_path: Path) -> None:
     assert again.reused and again.accuracy == first.accuracy
     other = warm_start(
         tmp_path / "model",
-        WarmStartSettings(size="tiny", max_steps=2, eval_every=2, eval_problems=16),
+        WarmStartSettings(size="tiny", max_steps=2, eval_every=2, val_problems=16),
         log=lines.append,
     )
     assert not other.reused and other.steps == 2
     assert any("reusing" in line for line in lines)
+    # A tiny model cannot reach the band in 2 steps: the run says so plainly.
+    assert not other.in_band and any("did NOT reach" in line for line in lines)
+
+
+def test_validation_split_is_disjoint_from_the_held_out_test_set() -> None:
+    from services.core.tasks import load_builtin
+    from services.stack.warmstart import WarmStartSettings, split_validation
+
+    for seed in range(5):
+        task = load_builtin("arithmetic", seed)
+        train, validation = split_validation(task.train, WarmStartSettings().val_problems)
+        test_ids = {e.id for e in task.eval}
+        val_ids = {e.id for e in validation}
+        assert len(val_ids) == WarmStartSettings().val_problems
+        assert not val_ids & test_ids, "validation problems leak into the test set"
+        assert not val_ids & {e.id for e in train}, "validation problems are trained on"
+    with pytest.raises(ValueError, match="val_problems"):
+        split_validation(task.train, 0)
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "kept_step", "trained", "kept_accuracy"),
+    [
+        # Stops at the first evaluation in the band.
+        ([0.1, 0.4, 0.5], 4, 4, 0.4),
+        # A jump overshoots the band: the earlier, nearer model is kept.
+        ([0.1, 0.3, 0.95], 4, 6, 0.3),
+        # Never reaches the band: stops at max_steps, keeps the best model.
+        ([0.05, 0.2, 0.1, 0.15], 4, 8, 0.2),
+    ],
+)
+def test_warm_start_stops_by_steps_and_keeps_the_model_nearest_the_band(
+    tiny_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    accuracies: list[float],
+    kept_step: int,
+    trained: int,
+    kept_accuracy: float,
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.core.tasks import load_builtin
+    from services.stack import warmstart
+
+    task = load_builtin("arithmetic", 0)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    settings = warmstart.WarmStartSettings(
+        size="tiny", max_steps=8, eval_every=2, batch_size=8, target_low=0.35, target_high=0.6
+    )
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    scripted = iter(accuracies)
+
+    def accuracy(m: object, tokenizer: object, examples: object) -> float:
+        snapshots[len(snapshots) * 2 + 2] = {
+            k: v.detach().clone() for k, v in model.state_dict().items()
+        }
+        return next(scripted)
+
+    monkeypatch.setattr(warmstart, "_accuracy_fn", lambda: accuracy)
+    outcome = warmstart.train(model, tok, task.train[:64], task.train[64:80], settings, log=print)
+    assert (outcome.steps, outcome.trained_steps, outcome.accuracy) == (
+        kept_step,
+        trained,
+        kept_accuracy,
+    )
+    kept = snapshots[kept_step]
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_warm_start_is_deterministic_in_steps(tmp_path: Path) -> None:
+    """The same seed gives the same model: no rule depends on the clock."""
+    from safetensors.torch import load_file
+
+    from services.stack.warmstart import WarmStartSettings, warm_start
+
+    settings = WarmStartSettings(size="tiny", max_steps=6, eval_every=3, val_problems=32)
+    a = warm_start(tmp_path / "a", settings, log=lambda _: None)
+    b = warm_start(tmp_path / "b", settings, log=lambda _: None)
+    assert (a.steps, a.trained_steps, a.accuracy) == (b.steps, b.trained_steps, b.accuracy)
+    wa = load_file(tmp_path / "a" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+    warm_start(
+        tmp_path / "c",
+        WarmStartSettings(size="tiny", max_steps=6, eval_every=3, val_problems=32, seed=1),
+        log=lambda _: None,
+    )
+    wc = load_file(tmp_path / "c" / "model.safetensors")
+    assert any(not wa[k].equal(wc[k]) for k in wa), "the seed changes nothing"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -371,3 +463,13 @@ def test_mapo_eval_of_a_service_that_is_not_there(capsys: pytest.CaptureFixture[
     port = processes.free_port()
     assert main(["eval", f"http://127.0.0.1:{port}", "--limit", "5"]) == 1
     assert "how to fix" in capsys.readouterr().err
+
+
+def test_trainer_threads_take_the_cores_the_engines_leave() -> None:
+    config = load_config(up.demo_config_path())
+    assert config.inference.cpu_threads == 1 and config.trainer.cpu_threads == 0
+    assert up.trainer_threads(config, replicas=1, cores=2) == 1
+    assert up.trainer_threads(config, replicas=2, cores=8) == 6
+    assert up.trainer_threads(config, replicas=4, cores=2) == 1
+    config.trainer.cpu_threads = 3
+    assert up.trainer_threads(config, replicas=1, cores=2) == 3

@@ -149,6 +149,17 @@ class ProgressLine:
             self._shown = ""
 
 
+def _warm_start_cell(summary: Mapping[str, Any]) -> str:
+    if summary.get("warmstart_reused"):
+        return "reused"
+    cell = f"{float(summary.get('warmstart_seconds', 0.0)):.0f} s"
+    if "warmstart_steps" in summary:
+        cell = f"{int(summary['warmstart_steps'])} steps, " + cell
+    if summary.get("warmstart_in_band") is False:
+        cell += " (outside the band)"
+    return cell
+
+
 def summary_table(summary: Mapping[str, Any]) -> str:
     """The end-of-run table a person reads first."""
     initial = float(summary["initial_accuracy"])
@@ -161,12 +172,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         ("RL steps", f"{summary['steps']}"),
         ("estimator", f"{summary.get('estimator', '-')}"),
         ("inference replicas", f"{summary.get('replicas', '-')}"),
-        (
-            "warm start",
-            "reused"
-            if summary.get("warmstart_reused")
-            else f"{float(summary.get('warmstart_seconds', 0.0)):.0f} s",
-        ),
+        ("warm start", _warm_start_cell(summary)),
         ("RL", f"{float(summary.get('rl_seconds', 0.0)):.0f} s"),
         ("total time", f"{float(summary['seconds']):.0f} s"),
     ]

@@ -185,6 +185,21 @@ def run_config(base: RunConfig, run_dir: Path, redis_url: str, reward_port: int)
     return cfg
 
 
+def trainer_threads(config: RunConfig, replicas: int, cores: int | None = None) -> int:
+    """The trainer's torch threads on this machine: the cores the replicas' engines leave.
+
+    Every process of the stack shares the machine, and a torch or OpenMP team with a thread
+    per core in each of them oversubscribes it (threads spin while waiting for each other). So
+    each engine keeps its ``inference.cpu_threads`` and the trainer takes the rest, at least
+    one; a value set in the config is kept.
+    """
+    if config.trainer.cpu_threads:
+        return config.trainer.cpu_threads
+    cores = cores or os.cpu_count() or 1
+    engines = replicas * (config.inference.cpu_threads or cores)
+    return max(1, cores - engines)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so the cleanup below runs for both."""
@@ -341,7 +356,7 @@ def evaluate_policy(model_dir: Path, store: Path | None, examples: list[Example]
     return accuracy(model, tokenizer, examples)
 
 
-def _warm_start(config: RunConfig, run_dir: Path) -> tuple[Path, dict[str, Any]]:
+def starting_model(config: RunConfig, run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The starting policy: the configured model, or the warm-started demo model."""
     if "path" in config.model.model_fields_set:
         path = Path(config.model.path)
@@ -367,7 +382,9 @@ def _warm_start(config: RunConfig, run_dir: Path) -> tuple[Path, dict[str, Any]]
         "warmstart_seconds": 0.0 if result.reused else result.seconds,
         "warmstart_reused": result.reused,
         "warmstart_steps": result.steps,
+        "warmstart_trained_steps": result.trained_steps,
         "warmstart_accuracy": result.accuracy,
+        "warmstart_in_band": result.in_band,
     }
 
 
@@ -405,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     redis = None
     try:
         with sigterm_as_interrupt():
-            model_dir, warm = _warm_start(base, run_dir)
+            model_dir, warm = starting_model(base, run_dir)
             from services.stack.evaluate import held_out
 
             examples = held_out(base)
@@ -418,6 +435,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"redis: {redis.source} at {redis.url}", flush=True)
             config = run_config(base, run_dir, redis.url, free_port())
             config.model.path = str(model_dir)
+            config.trainer.cpu_threads = trainer_threads(config, args.replicas)
             text, nulls = dump_config(config)
             config_file = run_dir / "config.toml"
             config_file.write_text(text)

@@ -2,12 +2,21 @@
 
 A freshly initialised model answers nothing correctly: every group of G rollouts would score
 all zeros and give no gradient. A short supervised phase on ``prompt + answer + eos`` (loss on the
-answer tokens only) lifts held-out accuracy into a band (by default 20-60%) where most groups hold
-both successes and failures, which is where RL and MAPO's certainty weighting have work to do.
+answer tokens only) lifts accuracy into a band (by default 35-60%) where most groups hold both
+successes and failures, which is where RL and MAPO's certainty weighting have work to do.
 
-Accuracy rises in jumps, so it is checked often on a fixed held-out subset and training stops as
-soon as it enters the band, or at a time or step cap. The result is an ordinary HF model directory
-with a ``warmstart.json`` marker; a later run with the same settings reuses it.
+Every rule here counts steps, never seconds, so the same seed gives the same model on a fast
+machine and on a slow one (up to the rounding differences between processors' kernels):
+
+* accuracy is measured every ``eval_every`` steps on a *validation* split held back from the
+  training problems, never on the held-out test set that scores the run;
+* training stops at the first evaluation at or above ``target_low``, or after ``max_steps``;
+* the model kept is the evaluated one closest to the band (the stopping one, unless a jump
+  overshot the band and an earlier evaluation was nearer), so a seed that never reaches the band
+  carries on from its best model, and says so.
+
+The result is an ordinary HF model directory with a ``warmstart.json`` marker; a later run with
+the same settings reuses it.
 """
 
 from __future__ import annotations
@@ -36,19 +45,16 @@ class WarmStartSettings:
     """What the warm start does; a cached model is reused only when these match."""
 
     task: str = "arithmetic"
-    size: str = "small"
+    size: str = "mini"
     seed: int = 0
     lr: float = 1e-3
     batch_size: int = 128
     eval_every: int = 25
-    eval_problems: int = 256
+    #: Training problems held back to decide when to stop (disjoint from the held-out test set).
+    val_problems: int = 256
     target_low: float = 0.35
     target_high: float = 0.60
-    # Steps to reach the band vary with the seed: 700, 550 and 1,450 for seeds 0, 1 and 2 (seed 2
-    # sat at 10-20% from step 500 to 1,000). The caps bound the time; RL starts from wherever
-    # they left the model (from 12.5%, seed 2 gained only 6.5 points in 150 RL steps).
-    max_steps: int = 1500
-    max_seconds: float = 900.0
+    max_steps: int = 2000
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,12 @@ class WarmStartResult:
     """What a run of the warm start reached (also the content of ``warmstart.json``)."""
 
     settings: WarmStartSettings
+    #: Step of the model kept (the one closest to the band).
     steps: int
+    #: Steps trained in all (past ``steps`` when a jump overshot the band).
+    trained_steps: int
     seconds: float
+    #: Validation accuracy of the model kept.
     accuracy: float
     in_band: bool
     reused: bool = False
@@ -66,6 +76,19 @@ class WarmStartResult:
         return json.dumps(
             {**asdict(self), "settings": asdict(self.settings)}, indent=1, sort_keys=True
         )
+
+
+def split_validation(train: Sequence[Example], count: int) -> tuple[list[Example], list[Example]]:
+    """(problems to train on, validation problems): the last ``count`` training problems are
+    held back. The test set is a different split of the task, so the two never meet."""
+    if not 0 < count < len(train):
+        raise ValueError(f"val_problems={count} must be between 1 and {len(train) - 1}")
+    return list(train[:-count]), list(train[-count:])
+
+
+def band_distance(accuracy: float, low: float, high: float) -> float:
+    """How far an accuracy is from the band [low, high): 0 inside it."""
+    return max(low - accuracy, accuracy - high, 0.0)
 
 
 def encode_examples(
@@ -96,15 +119,25 @@ def _accuracy_fn() -> Callable[..., float]:
     return accuracy
 
 
+@dataclass(frozen=True)
+class TrainOutcome:
+    """Where :func:`train` left the model."""
+
+    steps: int  # step of the model kept
+    trained_steps: int
+    accuracy: float  # validation accuracy of the model kept
+
+
 def train(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     train_set: Sequence[Example],
-    held_out: Sequence[Example],
+    validation: Sequence[Example],
     settings: WarmStartSettings,
     log: Callable[[str], None] = print,
-) -> tuple[int, float]:
-    """Train until held-out accuracy enters the band or a cap is hit; return (steps, accuracy)."""
+) -> TrainOutcome:
+    """Train until validation accuracy reaches the band or ``max_steps`` pass; leave ``model``
+    holding the evaluated weights closest to the band."""
     import torch
 
     accuracy_of = _accuracy_fn()
@@ -114,7 +147,8 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     order = torch.randperm(len(input_ids))
     start = time.monotonic()
-    step, cursor, accuracy = 0, 0, 0.0
+    step, cursor = 0, 0
+    best: tuple[float, int, float, dict[str, torch.Tensor]] | None = None
     while True:
         if cursor + settings.batch_size > len(order):
             order, cursor = torch.randperm(len(input_ids)), 0
@@ -127,17 +161,27 @@ def train(
         loss.backward()
         optimizer.step()
         step += 1
-        elapsed = time.monotonic() - start
-        capped = step >= settings.max_steps or elapsed >= settings.max_seconds
-        if step % settings.eval_every == 0 or capped:
-            model.eval()
-            accuracy = accuracy_of(model, tokenizer, held_out)
-            log(
-                f"warm start: step {step:4d}  loss {loss.item():.3f}  "
-                f"held-out accuracy {accuracy:6.1%}  ({elapsed:5.1f} s)"
-            )
-            if accuracy >= settings.target_low or capped:
-                return step, accuracy
+        capped = step >= settings.max_steps
+        if step % settings.eval_every and not capped:
+            continue
+        model.eval()
+        accuracy = accuracy_of(model, tokenizer, validation)
+        log(
+            f"warm start: step {step:4d}  loss {loss.item():.3f}  "
+            f"validation accuracy {accuracy:6.1%}  ({time.monotonic() - start:5.1f} s)"
+        )
+        distance = band_distance(accuracy, settings.target_low, settings.target_high)
+        if best is None or distance <= best[0]:
+            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = (distance, step, accuracy, snapshot)
+        if accuracy >= settings.target_low or capped:
+            break
+    assert best is not None
+    _, kept_step, kept_accuracy, weights = best
+    if kept_step != step:
+        model.load_state_dict(weights)
+        log(f"warm start: keeping step {kept_step} ({kept_accuracy:.1%}), nearest to the band")
+    return TrainOutcome(kept_step, step, kept_accuracy)
 
 
 def cached(model_dir: Path, settings: WarmStartSettings) -> WarmStartResult | None:
@@ -148,18 +192,18 @@ def cached(model_dir: Path, settings: WarmStartSettings) -> WarmStartResult | No
     try:
         data: dict[str, Any] = json.loads(marker.read_text())
         previous = WarmStartSettings(**data["settings"])
+        result = WarmStartResult(
+            settings=previous,
+            steps=int(data["steps"]),
+            trained_steps=int(data["trained_steps"]),
+            seconds=float(data["seconds"]),
+            accuracy=float(data["accuracy"]),
+            in_band=bool(data["in_band"]),
+            reused=True,
+        )
     except (ValueError, TypeError, KeyError):
         return None
-    if previous != settings:
-        return None
-    return WarmStartResult(
-        settings=previous,
-        steps=int(data["steps"]),
-        seconds=float(data["seconds"]),
-        accuracy=float(data["accuracy"]),
-        in_band=bool(data["in_band"]),
-        reused=True,
-    )
+    return result if previous == settings else None
 
 
 def warm_start(
@@ -173,7 +217,7 @@ def warm_start(
     previous = cached(out, settings)
     if previous is not None:
         log(
-            f"warm start: reusing {out} (held-out accuracy {previous.accuracy:.1%} "
+            f"warm start: reusing {out} (validation accuracy {previous.accuracy:.1%} "
             f"after {previous.steps} steps)"
         )
         return previous
@@ -187,7 +231,7 @@ def warm_start(
     quiet_transformers()
     random.seed(settings.seed)
     task = load_builtin(settings.task, settings.seed)
-    held_out = list(task.eval[: settings.eval_problems])
+    train_set, validation = split_validation(task.train, settings.val_problems)
     # Build in a scratch directory and rename at the end: an interrupted warm start never
     # leaves a half-written model that a later run would mistake for a finished one.
     scratch = out.with_name(out.name + ".partial")
@@ -195,25 +239,38 @@ def warm_start(
     build_model(scratch, settings.size, settings.seed)
     log(
         f"warm start: {settings.size} model ({parameter_count(scratch):,} parameters), "
-        f"supervised on {len(task.train):,} {settings.task} problems until held-out accuracy "
-        f"on {len(held_out)} problems reaches {settings.target_low:.0%}"
+        f"supervised on {len(train_set):,} {settings.task} problems until accuracy on "
+        f"{len(validation)} validation problems reaches {settings.target_low:.0%} "
+        f"(at most {settings.max_steps:,} steps)"
     )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = AutoTokenizer.from_pretrained(scratch)
     model = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32)
     start = time.monotonic()
-    steps, accuracy = train(model, tokenizer, task.train, held_out, settings, log)
+    outcome = train(model, tokenizer, train_set, validation, settings, log)
     seconds = time.monotonic() - start
-    in_band = settings.target_low <= accuracy < settings.target_high
+    in_band = settings.target_low <= outcome.accuracy < settings.target_high
     if not in_band:
         log(
-            f"warm start: stopped at {accuracy:.1%}, outside the target band "
-            f"{settings.target_low:.0%}-{settings.target_high:.0%}; RL proceeds from there"
+            f"warm start: did NOT reach the target band {settings.target_low:.0%}-"
+            f"{settings.target_high:.0%} in {settings.max_steps:,} steps; RL carries on from "
+            f"the nearest model (step {outcome.steps}, {outcome.accuracy:.1%}), where groups "
+            "are less often mixed and RL gains less"
         )
     model.save_pretrained(scratch, safe_serialization=True)
-    result = WarmStartResult(settings, steps, round(seconds, 2), accuracy, in_band)
+    result = WarmStartResult(
+        settings,
+        outcome.steps,
+        outcome.trained_steps,
+        round(seconds, 2),
+        outcome.accuracy,
+        in_band,
+    )
     (scratch / MARKER).write_text(result.to_json())
     shutil.rmtree(out, ignore_errors=True)
     scratch.rename(out)
-    log(f"warm start: wrote {out} ({steps} steps, {seconds:.0f} s, accuracy {accuracy:.1%})")
+    log(
+        f"warm start: wrote {out} (step {outcome.steps} of {outcome.trained_steps}, "
+        f"{seconds:.0f} s, validation accuracy {outcome.accuracy:.1%})"
+    )
     return result
