@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mm.add_argument("dir", help="output directory")
     mm.add_argument(
-        "--size", default="tiny", choices=["tiny", "small", "50m", "0.5b"], help="preset"
+        "--size", default="tiny", choices=["tiny", "mini", "small", "50m", "0.5b"], help="preset"
     )
     mm.add_argument("--seed", type=int, default=0, help="initialisation seed")
 
@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         bsub, "inference", "services.benchmarks.inference:main", "Service vs engine tokens/s."
     )
     bi.add_argument("--model", default=None, help="model directory (default: build --size)")
-    bi.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model to build")
+    bi.add_argument(
+        "--size", default="tiny", choices=["tiny", "mini", "small"], help="model to build"
+    )
     bi.add_argument("--prompts", type=int, default=32)
     bi.add_argument("--group-size", type=int, default=8)
     bi.add_argument("--max-tokens", type=int, default=64)
@@ -125,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     bt = _command(bsub, "trainer", "services.benchmarks.trainer:main", "Trainer tokens/s per step.")
     bt.add_argument("--sizes", default="tiny,50m", help="model presets, comma-separated")
     bt.add_argument("--steps", type=int, default=3, help="timed steps per size (after 1 warm-up)")
+
+    be = _command(
+        bsub, "e2e", "services.benchmarks.e2e:main", "The stack vs a single-process loop."
+    )
+    be.add_argument("--steps", type=int, default=60, help="RL steps of each side")
+    be.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
+    be.add_argument("--rounds", type=int, default=5, help="timed rounds of each phase alone")
+    be.add_argument("--run-dir", default=None, help="where the model and results go")
 
     cfg = _command(sub, "config", "services.cli:show_config", "Print the effective config.")
     cfg.add_argument("--json", action="store_true", help="as JSON instead of TOML-like text")

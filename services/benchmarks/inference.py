@@ -58,11 +58,11 @@ def _direct_worker(model: str, spec: dict[str, Any], config: RunConfig) -> None:
         SamplingParams(
             n=spec["group_size"],
             max_tokens=spec["max_tokens"],
-            temperature=1.0,
-            top_p=1.0,
+            temperature=spec.get("temperature", 1.0),
+            top_p=spec.get("top_p", 1.0),
             logprobs=0,
             seed=i,
-            ignore_eos=True,
+            ignore_eos=spec.get("ignore_eos", True),
             # What a rollout needs, as the service asks for it: flat log-probs of the sampled
             # tokens, and the text decoded once per completion.
             flat_logprobs=True,

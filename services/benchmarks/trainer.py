@@ -1,12 +1,12 @@
 """``mapo bench trainer``: trainer tokens per second for one full step, per model size.
 
-A step is everything the trainer does with a batch: old log-probs, reference log-probs (the
-paper's KL is on), advantages, the micro-batched forward/backward of the clipped loss, gradient
-clipping and the AdamW update. Batches have the shapes of an RL step: ``groups x G`` sequences
-of an 8-token prompt and a response of 32-64 tokens (tiny: 32 x 8, 50m: 4 x 8). Figures are the
-median of ``--steps`` timed steps after one warm-up step, on ``trainer.device``; tokens/s counts
-prompt and response tokens (what the forward passes process), response tokens/s only what is
-trained on.
+A step is everything the trainer does with a batch: old log-probs (a separate pass only with
+more than one PPO epoch), reference log-probs (the paper's KL is on), advantages, the
+micro-batched forward/backward of the clipped loss, gradient clipping and the AdamW update.
+Batches have the shapes of an RL step: ``groups x G`` sequences of an 8-token prompt and a
+response of 32-64 tokens (tiny: 32 x 8, 50m: 4 x 8). Figures are the median of ``--steps`` timed
+steps after one warm-up step, on ``trainer.device``; tokens/s counts prompt and response tokens
+(what the forward passes process), response tokens/s only what is trained on.
 
 This module imports neither the config models nor the wire schemas at import time, so
 ``services/benchmarks/trainer_gpu_check.py`` can reuse it on a machine with only torch and
