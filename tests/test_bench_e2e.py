@@ -73,3 +73,17 @@ def test_baseline_curve_and_accuracy_at_a_time() -> None:
     assert curve["completions_per_s"] == pytest.approx(5.0)
     assert curve["points"] == [(0.0, 0.2), (4.0, 0.4)]
     assert accuracy_at(curve["points"], 3.9) == 0.2 and accuracy_at(curve["points"], 4.0) == 0.4
+
+
+def test_bench_config_is_what_mapo_up_runs_with_the_benchmarks_steps() -> None:
+    import argparse
+
+    from services.benchmarks.e2e import bench_config
+    from services.core.config import load_config
+    from services.stack.up import demo_config_path
+
+    args = argparse.Namespace(config=None, overrides=["optim.lr=1e-4"], steps=7, eval_every=3)
+    config = bench_config(args)
+    demo = load_config(demo_config_path())
+    assert (config.trainer.steps, config.trainer.eval_every, config.optim.lr) == (7, 3, 1e-4)
+    assert config.rollout == demo.rollout and config.algorithm == demo.algorithm

@@ -28,22 +28,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.core.config import RunConfig, load_config
+from services.core.config import RunConfig
 
 DEFAULT_RUN_DIR = "runs/bench-e2e"
 
 
 def bench_config(args: argparse.Namespace) -> RunConfig:
-    """The demo config (or --config) with the benchmark's steps and evaluation interval."""
-    from services.stack.up import demo_config_path
+    """The config `mapo up` would run (demo or --config, then --set), with the benchmark's
+    steps and evaluation interval."""
+    from services.stack.up import resolve_config
 
-    path = Path(args.config) if args.config else demo_config_path()
-    extra = [
-        *list(args.overrides or []),
-        f"trainer.steps={args.steps}",
-        f"trainer.eval_every={args.eval_every}",
-    ]
-    return load_config(path, overrides=extra)
+    as_up = argparse.Namespace(
+        config=args.config,
+        overrides=[*list(args.overrides or []), f"trainer.eval_every={args.eval_every}"],
+        steps=args.steps,
+        estimator=None,
+        seed=None,
+    )
+    return resolve_config(as_up)[0]
 
 
 def _task_prompts(config: RunConfig, count: int) -> list[str]:
