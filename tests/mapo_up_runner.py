@@ -4,13 +4,15 @@ end-to-end tests)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from services.stack.processes import Child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,21 +58,20 @@ def run_mapo_up(args: list[str], timeout_s: float) -> MapoUpRun:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAPO__")}
     env.pop("REDIS_URL", None)
     cmd = [sys.executable, "-m", "services.cli", "up", *args]
+    log = Path(tempfile.mkdtemp(prefix="mapo-up-")) / "mapo-up.log"
     started = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    up = Child.start("mapo up", cmd, log_path=log, env=env, cwd=REPO)
     # Record the stack's children while it runs, to check afterwards that all of them are gone.
     seen: set[int] = set()
-    while proc.poll() is None and time.monotonic() - started < timeout_s:
-        seen.update(_children_of(proc.pid))
+    while up.alive() and time.monotonic() - started < timeout_s:
+        seen.update(_children_of(up.pid))
         time.sleep(1.0)
-    if proc.poll() is None:
-        proc.terminate()
-        out = proc.communicate(timeout=60)[0]
+    if up.alive():
+        up.stop(grace_s=60)
+        out = log.read_text(errors="replace")
         pytest.fail(f"mapo up did not finish in {timeout_s:.0f} s:\n{out[-6000:]}")
-    out = proc.communicate()[0]
-    return MapoUpRun(proc.returncode, out, time.monotonic() - started, frozenset(seen))
+    out = log.read_text(errors="replace")
+    return MapoUpRun(up.wait(), out, time.monotonic() - started, frozenset(seen))
 
 
 def assert_nothing_left(run: MapoUpRun, grace_s: float = 10.0) -> None:

@@ -17,7 +17,8 @@ from services.core.advantages import (
     dapo_keep_mask,
     success_mask,
 )
-from services.core.loss import policy_loss
+from services.core.config import AlgorithmConfig
+from services.core.loss import LossInputs, policy_loss
 
 EPS = 1e-6
 NONNEG_ONLY = ("mapo", "apd", "mapo_random_lambda")
@@ -133,8 +134,9 @@ def test_binary_gradient_ratio_holds_for_the_policy_loss_gradient() -> None:
     for est in ("mapo", "grpo"):
         adv = compute_advantages(rewards, est, eps=1e-12).advantages[0]
         logprobs = torch.full((g, 3), -1.0, dtype=torch.float64, requires_grad=True)
-        out = policy_loss(logprobs, logprobs.detach(), adv, torch.ones(g, 3))
-        out.loss.backward()
+        x = LossInputs(logprobs, logprobs.detach(), adv, torch.ones(g, 3))
+        loss, _ = policy_loss(x, AlgorithmConfig(kl_coef=0.0))
+        loss.backward()
         assert logprobs.grad is not None
         grads[est] = logprobs.grad[0, 0].item()  # a token of a successful rollout
     p, lam = 0.25, 1 - 4 * 0.25 * 0.75

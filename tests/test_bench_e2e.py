@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_baseline_loop_samples_scores_and_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from services.trainer.model import Policy
+    from services.trainer.model import Learner
 
     config = trainer_config(
         tiny_model_dir,
@@ -30,7 +30,7 @@ def test_baseline_loop_samples_scores_and_trains(tiny_model_dir: Path, tmp_path:
         optim={"lr": 1e-2},
     )
     seen: list[BaselineStep] = []
-    policy = Policy.build(config)
+    policy = Learner.build(config)
     history = run_baseline(config, 2, eval_every=1, threads=1, on_step=seen.append, policy=policy)
     assert [h.step for h in history] == [0, 1, 2] and seen == history
     assert [h.completions for h in history] == [0, 16, 16]

@@ -13,14 +13,13 @@ import msgpack
 import pytest
 
 from services.core.schemas import PromptMessage, ScoredGroup, WeightAnnouncement, encode
+from services.trainer.ledger import AppliedLedger, DeferredAcks
 from services.transport import (
     INFERENCE_GROUP,
     TRAINER_GROUP,
-    AppliedLedger,
     Bus,
     BusError,
-    DeferredAcks,
-    redis_bus,
+    reader,
 )
 from services.transport.names import PAYLOAD_FIELD
 from tests.fixtures.redis import BusSetup, RedisServer, make_group, make_prompt, make_weights
@@ -147,7 +146,7 @@ def test_garbage_bytes_and_wrong_schema_version_go_to_dead_letter_stream_and_pip
         garbage = b"\xc1\xff\x00not msgpack at all"
         future = msgpack.packb({"kind": "prompt", "v": 99, "prompt_id": "p-x"})
         await bus.publish_encoded(stream, [garbage, future])
-        await bus._add(stream, [{b"other": b"field"}])  # a foreign writer's entry
+        await bus.streams.add(stream, [{b"other": b"field"}])  # a foreign writer's entry
         await bus.publish(stream, make_prompt(1))
         got = await bus.read(stream, INFERENCE_GROUP, "r0", 10)
         assert [d.message.prompt_id for d in got] == ["p-00001"]
@@ -336,7 +335,7 @@ def test_unacked_lists_every_undelivered_entry_past_more_pending_ones_than_the_l
 ) -> None:
     """A trainer that acks only at checkpoints holds many pending groups; the undelivered ones
     behind them (what the in-flight recount needs) must all still be listed, with no error."""
-    monkeypatch.setattr(redis_bus, "PENDING_PAGE", 2)  # several XPENDING pages on Redis
+    monkeypatch.setattr(reader, "PENDING_PAGE", 2)  # several XPENDING pages on Redis
 
     async def body(s: BusSetup, bus: Bus) -> None:
         stream = s.config.rollouts_stream
@@ -394,7 +393,7 @@ def test_field_layout_of_an_entry_is_one_payload_field(bus_setup: BusSetup) -> N
     async def body(s: BusSetup, bus: Bus) -> None:
         stream = s.config.rollouts_stream
         await bus.publish(stream, make_group("g1"))
-        (raw,) = await bus._range(stream, "-", 10)
+        (raw,) = await bus.streams.read_after(stream, "0", 10, 0)
         assert list(raw.fields or {}) == [PAYLOAD_FIELD]
         assert (raw.fields or {})[PAYLOAD_FIELD] == encode(make_group("g1"))
         assert isinstance(make_group("g1"), ScoredGroup)

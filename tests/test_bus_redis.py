@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -21,13 +22,15 @@ import redis.asyncio as aioredis
 
 from services.core.config import BusConfig
 from services.core.schemas import PromptMessage, ScoredGroup
+from services.stack.processes import Child, StartError, wait_until
+from services.stack.redis_local import find_redis_server
+from services.trainer.ledger import AppliedLedger
 from services.transport import (
     INFERENCE_GROUP,
     TRAINER_GROUP,
-    AppliedLedger,
     BusError,
     BusUnavailable,
-    RedisBus,
+    RedisStreams,
     make_bus,
 )
 from tests.fixtures.redis import RedisServer, bus_config, free_port, make_group, make_prompt
@@ -214,17 +217,22 @@ def test_unreachable_redis_raises_bus_unavailable_naming_the_fix() -> None:
 # ------------------------------------------------------------------------------ TLS
 
 
-def _tls_redis_binary() -> str:
-    binary = shutil.which("redis-server")
-    openssl = shutil.which("openssl")
-    if binary is None or openssl is None:
-        pytest.skip("needs redis-server and openssl on PATH")
-    return binary  # a build without TLS exits at start: the fixture skips then
+def _tls_answers(ctx: ssl.SSLContext, port: int) -> bool:
+    try:
+        with ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+            server_hostname="127.0.0.1",
+        ):
+            return True
+    except OSError:
+        return False
 
 
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    binary = _tls_redis_binary()
+    binary = find_redis_server()
+    if binary is None or shutil.which("openssl") is None:
+        pytest.skip("needs a redis-server and openssl on PATH")
     d = Path(tempfile.mkdtemp(prefix="mapo-tls-", dir=tmp_path))
 
     def sh(*args: str) -> None:
@@ -238,52 +246,25 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
        "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.ext")  # fmt: skip
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            "server.crt",
-            "--tls-key-file",
-            "server.key",
-            "--tls-ca-cert-file",
-            "ca.crt",
-            "--tls-auth-clients",
-            "no",
-            "--save",
-            "",
-            "--dir",
-            str(d),
-        ],
-        cwd=d,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
+    args = [binary.path, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+            "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--save", "",
+            "--dir", str(d)]  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+    with Child.start("TLS redis-server", args, log_path=d / "redis.log", cwd=d) as server:
+        try:
+            wait_until(
+                server,
+                lambda: _tls_answers(ctx, port),
+                what="answering TLS",
+                timeout_s=10,
+                interval_s=0.05,
+            )
+        except StartError:
+            if not server.alive():
                 pytest.skip("redis-server did not start with TLS (built without it?)")
-            try:
-                with ctx.wrap_socket(
-                    __import__("socket").create_connection(("127.0.0.1", port), timeout=0.5),
-                    server_hostname="127.0.0.1",
-                ):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+            raise
         yield f"rediss://127.0.0.1:{port}/0", d / "ca.crt"
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 def test_rediss_url_speaks_tls_and_verifies_the_server_against_the_given_ca(
@@ -294,7 +275,7 @@ def test_rediss_url_speaks_tls_and_verifies_the_server_against_the_given_ca(
     async def main() -> None:
         config = bus_config(f"{url}?ssl_ca_certs={ca}")
         bus = make_bus(config)
-        assert isinstance(bus, RedisBus)
+        assert isinstance(bus.streams, RedisStreams)
         await bus.ensure_group(config.rollouts_stream, TRAINER_GROUP)
         await bus.publish(config.rollouts_stream, make_group("g1"))
         got = await bus.read(config.rollouts_stream, TRAINER_GROUP, "t", expect=ScoredGroup)

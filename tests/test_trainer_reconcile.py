@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from services.trainer import loop
+from services.trainer import budget as budget_module
+from services.trainer import feeder
+from services.trainer.budget import PromptProducer
 from services.trainer.loop import TrainerRun
-from services.trainer.synthetic import fake_inference
-from services.transport import TRAINER_GROUP, PromptProducer, make_bus
-from services.transport import budget as budget_module
+from services.transport import TRAINER_GROUP, make_bus
 from tests.fixtures.redis import RedisServer, bus_config
+from tests.fixtures.synthetic import fake_inference
 from tests.fixtures.trainer import trainer_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
@@ -38,7 +39,7 @@ def test_feeder_reconciles_quietly_while_more_groups_are_pending_than_a_recount_
     monkeypatch.setattr(budget_module, "RECOUNT_PER_SLOT", 2)
     monkeypatch.setattr(budget_module, "RECOUNT_SLACK", 0)
     bound = 2 * in_flight
-    monkeypatch.setattr(loop, "RECONCILE_EVERY_S", 0.0)  # after every read; 30 s in production
+    monkeypatch.setattr(feeder, "RECONCILE_EVERY_S", 0.0)  # after every read; 30 s in production
     bus = bus_config(redis_server.url).model_dump() | {"claim_idle_ms": 60_000, "block_ms": 50}
     config = trainer_config(
         tiny_model_dir,
@@ -78,16 +79,16 @@ def test_feeder_reconciles_quietly_while_more_groups_are_pending_than_a_recount_
             await fake
             await side.close()
 
-    with caplog.at_level(logging.INFO, logger="services.trainer.loop"):
+    with caplog.at_level(logging.INFO, logger="services.trainer"):
         dead_lettered = asyncio.run(main())
 
     status = json.loads((tmp_path / "trainer_state.json").read_text())
     assert status["status"] == "finished" and status["step"] == steps
     assert sum(p > bound for p in pending_at_reconcile) >= 3, pending_at_reconcile
-    messages = [r.getMessage() for r in caplog.records if r.name == "services.trainer.loop"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "services.trainer.feeder"]
     assert not [m for m in messages if "bus error" in m]
     # Nothing was given up on, so no slot was freed; the queued groups are not freed slots.
     assert dead_lettered == 0
     assert not [m for m in messages if "in-flight slots" in m]
-    budget_warnings = [r for r in caplog.records if r.name == "services.transport.budget"]
+    budget_warnings = [r for r in caplog.records if r.name == "services.trainer.budget"]
     assert not budget_warnings, [r.getMessage() for r in budget_warnings]

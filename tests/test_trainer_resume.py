@@ -19,18 +19,19 @@ import redis
 
 from services.core.config import RunConfig
 from services.core.schemas import ScoredGroup, WeightAnnouncement, decode
+from services.stack.processes import Child
 from services.trainer import checkpoint as ckpt
 from services.trainer.metrics import read_jsonl, surviving_lineage
-from services.trainer.synthetic import fake_inference
 from services.transport import TRAINER_GROUP, make_bus
-from services.transport.base import id_key
-from services.transport.weight_store import (
+from services.transport.streams import id_key
+from services.weights.store import (
     WeightStoreError,
     list_versions,
     verify_version,
     version_dir,
 )
 from tests.fixtures.redis import RedisServer, bus_config
+from tests.fixtures.synthetic import fake_inference
 from tests.fixtures.trainer import trainer_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,26 +57,13 @@ def write_toml(path: Path, config: RunConfig) -> Path:
     return path
 
 
-def trainer_process(config_file: Path, *extra: str) -> subprocess.Popen[bytes]:
+def trainer_process(config_file: Path, *extra: str) -> Child:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAPO__")}
     env["OMP_NUM_THREADS"] = "1"  # tiny model on shared cores: see tests/fixtures/trainer.py
-    log = (config_file.parent / f"trainer{len(extra)}.log").open("wb")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "trainer",
-            "run",
-            "--config",
-            str(config_file),
-            *extra,
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, "-m", "services.cli", "trainer", "run"]
+    command += ["--config", str(config_file), *extra]
+    log = config_file.parent / f"trainer{len(extra)}.log"
+    return Child.start("trainer", command, log_path=log, env=env, cwd=REPO)
 
 
 class FakeInference:
@@ -115,11 +103,11 @@ class FakeInference:
         self.thread.join(10)
 
 
-def wait_for_step(run_dir: Path, proc: subprocess.Popen[bytes], step: int, timeout: float) -> int:
+def wait_for_step(run_dir: Path, trainer: Child, step: int, timeout: float) -> int:
     """Poll the step log until it shows ``step`` or more; return the newest step seen."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, (run_dir / "trainer0.log").read_text()[-3000:]
+        assert trainer.alive(), trainer.tail(60)
         steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
         if steps and steps[-1] >= step:
             return int(steps[-1])
@@ -149,15 +137,13 @@ def test_kill_9_then_resume_applies_every_group_exactly_once(
             # Past the first checkpoint (step 5) and before the second (step 10).
             killed_at = wait_for_step(tmp_path, first, every + 2, timeout=90)
         finally:
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait(10)
+            first.kill()
         assert killed_at < steps
         second = trainer_process(config_file, "--resume")
         try:
-            assert second.wait(120) == 0, (tmp_path / "trainer1.log").read_text()[-3000:]
+            assert second.wait(120) == 0, second.tail(60)
         finally:
-            if second.poll() is None:
-                second.kill()
+            second.kill()
 
     # The surviving lineage took every step once, and applied each group once.
     records = read_jsonl(tmp_path / "applied.jsonl")
@@ -225,12 +211,12 @@ def test_kill_9_then_resume_applies_every_group_exactly_once(
 WRITER = r"""
 import sys, itertools, torch
 from services.core.config import build_config
-from services.trainer.model import Policy
-from services.trainer.publisher import base_tensor_spec, serving_tensors
+from services.trainer.model import Learner
+from services.weights.publish import base_tensor_spec, serving_tensors
 from services.trainer.checkpoint import list_checkpoints
-from services.transport.weight_store import latest_version, write_version
+from services.weights.store import latest_version, write_version
 model_dir, run_dir, store = sys.argv[1:4]
-policy = Policy.build(build_config({"model": {"path": model_dir}}, environ={}))
+policy = Learner.build(build_config({"model": {"path": model_dir}}, environ={}))
 spec = base_tensor_spec(model_dir)
 start = max([latest_version(store) or 0, *list_checkpoints(run_dir)]) + 1
 for step in itertools.count(start):

@@ -17,11 +17,12 @@ from services.core.schemas import WeightAnnouncement
 from services.trainer import checkpoint as ckpt
 from services.trainer.loop import RunDirError, TrainerRun
 from services.trainer.metrics import read_jsonl, surviving_lineage
-from services.trainer.publisher import WeightPublisher, base_tensor_spec
-from services.trainer.synthetic import fake_inference
 from services.transport import make_bus
-from services.transport.weight_store import fetch_version, list_versions, verify_version
+from services.weights.fetch import fetch_version
+from services.weights.publish import WeightPublisher, base_tensor_spec
+from services.weights.store import list_versions, verify_version
 from tests.fixtures.redis import free_port
+from tests.fixtures.synthetic import fake_inference
 from tests.fixtures.trainer import trainer_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,7 +184,7 @@ def test_resume_continues_without_losing_or_repeating_a_group(
 def test_weights_served_over_http_for_replicas_without_the_volume(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from services.trainer.model import Policy
+    from services.trainer.model import Learner
 
     config = trainer_config(
         tiny_model_dir,
@@ -191,7 +192,7 @@ def test_weights_served_over_http_for_replicas_without_the_volume(
         trainer={"weights_port": free_port()},
         bus={"url": f"memory://{tmp_path.name}"},
     )
-    policy = Policy.build(config)
+    policy = Learner.build(config)
 
     async def publish_and_fetch() -> Path:
         bus = make_bus(config.bus)

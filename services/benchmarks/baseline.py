@@ -2,7 +2,7 @@
 
 One process, no bus, no services: each step samples G completions for ``prompts_per_step``
 prompts with transformers' ``generate`` (KV cache, one batched call), scores them with the
-task's verifier in-process, and applies them with the trainer's own :class:`Policy` (the same
+task's verifier in-process, and applies them with the trainer's own :class:`Learner` (the same
 advantages, loss, optimiser and schedule as ``mapo trainer``). Generation and training
 alternate, each using every core: the shape of TRL's ``GRPOTrainer`` without vLLM, minus its
 framework overhead. Evaluation runs on the trainer's held-out set and its time is kept apart,
@@ -24,7 +24,7 @@ from services.core.schemas import Rollout, ScoredGroup
 from services.core.tasks import Example
 from services.trainer.dataset import Position, PromptOrder, eval_examples, load_examples
 from services.trainer.evaluation import left_pad
-from services.trainer.model import Policy
+from services.trainer.model import Learner
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class BaselineStep:
 
 @torch.no_grad()
 def sample_groups_batched(
-    policy: Policy,
+    policy: Learner,
     examples: Sequence[tuple[str, Example]],
     *,
     group_size: int,
@@ -112,7 +112,7 @@ def sample_groups_batched(
 
 
 def sample_step(
-    policy: Policy,
+    policy: Learner,
     config: RunConfig,
     batch: Sequence[tuple[str, Example]],
     score: Callable[[str, Example], tuple[float, bool, str]],
@@ -152,12 +152,12 @@ def run_baseline(
     eval_every: int,
     threads: int,
     on_step: Callable[[BaselineStep], None] = lambda s: None,
-    policy: Policy | None = None,
+    policy: Learner | None = None,
 ) -> list[BaselineStep]:
     """``steps`` synchronous steps of ``policy`` (default: built from ``config.model.path``);
     evaluation every ``eval_every`` steps (and at step 0) on the held-out set."""
     torch.set_num_threads(threads)
-    policy = policy or Policy.build(config)
+    policy = policy or Learner.build(config)
     t = config.trainer
     order = PromptOrder(
         load_examples(config.task.dataset, config.task.name, config.task.seed),

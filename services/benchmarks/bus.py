@@ -18,7 +18,6 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -33,7 +33,8 @@ import numpy as np
 from services.core.config import RunConfig
 from services.core.schemas import Rollout, ScoredGroup, encode
 from services.stack.processes import free_port
-from services.transport import TRAINER_GROUP, RedisBus
+from services.stack.redis_local import FIX, find_redis_server, start_redis_server
+from services.transport import TRAINER_GROUP, Bus, RedisStreams
 
 GROUP_SIZE = 8
 TOKENS = 256
@@ -79,7 +80,7 @@ class BusResult:
 
 async def _consume(url: str, stream: str, n: int) -> float:
     """Read, validate and ack ``n`` groups; returns the monotonic time of the last ack."""
-    bus = RedisBus(url, block_ms=200, batch=BATCH)
+    bus = Bus(RedisStreams(url), block_ms=200, batch=BATCH)
     seen = 0
     while seen < n:
         got = await bus.read(stream, TRAINER_GROUP, "bench", BATCH, expect=ScoredGroup)
@@ -92,7 +93,7 @@ async def _consume(url: str, stream: str, n: int) -> float:
 async def _produce(
     url: str, stream: str, groups: list[ScoredGroup], payloads: list[bytes]
 ) -> float:
-    bus = RedisBus(url, maxlen=max(100_000, 2 * len(groups)))
+    bus = Bus(RedisStreams(url, maxlen=max(100_000, 2 * len(groups))))
     for k in range(0, len(groups), BATCH):
         if payloads:
             await bus.publish_encoded(stream, payloads[k : k + BATCH])
@@ -103,9 +104,9 @@ async def _produce(
 
 
 async def _prepare(url: str, stream: str, drop: bool = False) -> None:
-    bus = RedisBus(url)
+    bus = Bus(streams := RedisStreams(url))
     if drop:
-        await bus._r.delete(stream)
+        await streams.redis.delete(stream)
     else:
         await bus.ensure_group(stream, TRAINER_GROUP)
     await bus.close()
@@ -162,42 +163,15 @@ def redis_for_bench() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise RuntimeError("no redis-server on PATH; set REDIS_URL to benchmark another server")
+    binary = find_redis_server()
+    if binary is None:
+        raise RuntimeError(f"no redis-server to benchmark. {FIX}")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="mapo-bench-redis-") as d:
-        proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                d,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise RuntimeError("redis-server did not start") from None
-                    time.sleep(0.02)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with (
+        tempfile.TemporaryDirectory(prefix="mapo-bench-redis-") as d,
+        start_redis_server(binary, port, Path(d), appendfsync=None),
+    ):
+        yield f"redis://127.0.0.1:{port}/0"
 
 
 def main(args: argparse.Namespace, config: RunConfig) -> int:

@@ -6,7 +6,7 @@ same held-out problems with the same greedy decoding every ``--eval-every`` step
 
 1. the phases alone, on a quiet machine: one step's generation by the bare vLLM engine (the
    replica's thread budget, real stopping at eos) and one training step of the trainer's
-   ``Policy`` (the trainer's thread budget);
+   ``Learner`` (the trainer's thread budget);
 2. the stack: ``mapo up`` with that model (private Redis, reward service, vLLM replica, trainer);
 3. the baseline: :mod:`services.benchmarks.baseline` (transformers ``generate`` then the same
    training step, one process using every core).
@@ -22,13 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from services.core.config import RunConfig
+from services.stack.processes import Child
 
 DEFAULT_RUN_DIR = "runs/bench-e2e"
 
@@ -86,12 +86,12 @@ def training_alone(config: RunConfig, rounds: int) -> float:
     from services.benchmarks.baseline import sample_step, verifier_scorer
     from services.stack.up import trainer_threads
     from services.trainer.dataset import load_examples
-    from services.trainer.model import Policy
+    from services.trainer.model import Learner
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(trainer_threads(config, replicas=1))
     try:
-        policy = Policy.build(config)
+        policy = Learner.build(config)
         examples = load_examples(config.task.dataset, config.task.name, config.task.seed)
         batch = [
             (f"alone:{i}", ex) for i, ex in enumerate(examples[: config.trainer.prompts_per_step])
@@ -117,16 +117,12 @@ def run_stack(args: argparse.Namespace, model: Path, run_dir: Path) -> dict[str,
     for item in [*args.overrides, f"model.path={model}", f"trainer.eval_every={args.eval_every}"]:
         cmd += ["--set", item]
     log = run_dir.parent / "stack.log"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait()
-        except BaseException:
-            # Interrupted: `mapo up` stops every process it started on SIGTERM.
-            proc.terminate()
-            proc.wait(120)
-            raise
+    log.unlink(missing_ok=True)
+    stack = Child.start("mapo up", cmd, log_path=log)
+    try:
+        code = stack.wait()
+    finally:
+        stack.stop(grace_s=120)  # when interrupted: `mapo up` stops what it started on SIGTERM
     if code != 0:
         raise RuntimeError(f"mapo up failed with code {code}; see {log}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -60,7 +60,7 @@ def write_versions(model_dir: Path, store: Path, count: int) -> list[tuple[int, 
     import torch
     from safetensors.torch import load_file
 
-    from services.transport.weight_store import write_version
+    from services.weights.store import write_version
 
     base = load_file(str(model_dir / "model.safetensors"))
     out = []
@@ -77,7 +77,7 @@ async def time_reloads(
 ) -> list[dict[str, float]]:
     """Load every version into a fresh engine through the service's reload path."""
     from services.inference.engine import EngineReloader, build_async_engine
-    from services.inference.weights import Candidate, WeightManager
+    from services.inference.reload import Candidate, WeightManager
 
     holder: dict[str, Any] = {}
     # Not returned from the thread: the executor's finished work item would keep it alive.

@@ -22,17 +22,17 @@ import collections
 import math
 import os
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from services.core.config import RunConfig
+from services.stack.processes import Child, StartError, free_port, grpc_serving, wait_until
 
 GROUP_SIZE = 8
 CONCURRENCY = 8
@@ -164,43 +164,27 @@ def _count(groups: Sequence[Group]) -> int:
     return sum(len(g.completions) for g in groups)
 
 
-class ServerProcess:
-    """A ``mapo reward serve`` child on a free port; stopped by its own PID."""
-
-    def __init__(self, workers: int) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAPO__")}
-        command = [sys.executable, "-m", "services.cli", "reward", "serve"]
-        command += ["--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
-        self.proc = subprocess.Popen(
-            [*command, "--metrics-port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
+def start_server(workers: int, log_dir: Path) -> tuple[Child, str]:
+    """A ``mapo reward serve`` child on a free port, once it answers SERVING; its address."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAPO__")}
+    command = [sys.executable, "-m", "services.cli", "reward", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--workers", str(workers), "--metrics-port", "0"]
+    log = log_dir / f"reward-{workers}.log"
+    server = Child.start("reward server", command, log_path=log, env=env)
+    try:
+        wait_until(
+            server,
+            lambda: grpc_serving(address, 1.0),
+            what=f"serving on {address}",
+            timeout_s=START_TIMEOUT_S,
+            fix=f"see {log}",
         )
-        self.address = self._read_address()
-
-    def _read_address(self) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"reward server exited with code {self.proc.wait()}")
-            match = re.search(r"listening on (\S+)", line)
-            if match:
-                return match.group(1)
-        self.stop()
-        raise RuntimeError("reward server did not start in time")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    except StartError:
+        server.stop()
+        raise
+    return server, address
 
 
 async def _one_pass(client: Any, groups: Sequence[Group], concurrency: int) -> dict[str, Any]:
@@ -271,12 +255,11 @@ def main(args: argparse.Namespace, config: RunConfig) -> int:
         f"{'direct verifier call, one process, no gRPC':44} {direct:8.1f} completions/s"
         f"  ({per_cpu:.1f} per CPU second)"
     )
+    log_dir = Path(tempfile.mkdtemp(prefix="mapo-bench-reward-"))
     for workers in WORKER_COUNTS:
-        server = ServerProcess(workers)
-        try:
-            r = asyncio.run(_run(server.address, passes, warm, CONCURRENCY))
-        finally:
-            server.stop()
+        server, address = start_server(workers, log_dir)
+        with server:
+            r = asyncio.run(_run(address, passes, warm, CONCURRENCY))
         label = f"gRPC service, {workers} worker{'s' if workers > 1 else ''}"
         print(
             f"{label:44} {r['rate']:8.1f} completions/s"

@@ -19,14 +19,14 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from services.trainer.batch import TrainBatch
-from services.trainer.step import StepSettings, train_step
+from services.trainer.step import train_step
 
 if TYPE_CHECKING:
     from services.core.config import RunConfig
@@ -107,9 +107,10 @@ def measure(
     model_dir: str | Path,
     size: str,
     batch: TrainBatch,
-    settings: StepSettings,
+    config: RunConfig,
     *,
     device: torch.device,
+    amp_dtype: torch.dtype | None = None,
     lr: float = 1e-6,
     steps: int = 3,
 ) -> StepFigures:
@@ -125,7 +126,7 @@ def measure(
     )
     model.to(device).eval()
     ref: torch.nn.Module | None = None
-    if settings.kl_coef > 0.0:
+    if config.algorithm.kl_coef > 0.0:
         ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         frozen: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=ref_dtype
@@ -140,7 +141,7 @@ def measure(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        train_step(model, optimizer, on_device, settings, ref_model=ref)
+        train_step(model, optimizer, on_device, config, amp_dtype=amp_dtype, ref_model=ref)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:  # the first step pays for allocation and kernel selection
@@ -158,7 +159,12 @@ def measure(
 
 
 def run_size(
-    size: str, settings: StepSettings, device: torch.device, *, lr: float, steps: int
+    size: str,
+    config: RunConfig,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None,
+    steps: int,
 ) -> StepFigures:
     from services.models.tiny import build_model, vocab
 
@@ -166,7 +172,16 @@ def run_size(
     with tempfile.TemporaryDirectory(prefix=f"mapo-bench-trainer-{size}-") as tmp:
         model_dir = build_model(Path(tmp) / size, size)
         batch = synthetic_batch(groups, g, vocab_size=len(vocab()))
-        return measure(model_dir, size, batch, settings, device=device, lr=lr, steps=steps)
+        return measure(
+            model_dir,
+            size,
+            batch,
+            config,
+            device=device,
+            amp_dtype=amp_dtype,
+            lr=config.optim.lr,
+            steps=steps,
+        )
 
 
 def main(args: argparse.Namespace, config: RunConfig) -> int:
@@ -174,7 +189,6 @@ def main(args: argparse.Namespace, config: RunConfig) -> int:
 
     device = resolve_device(config.trainer.device)
     amp_dtype, _ = precision(config, device)
-    settings = StepSettings.from_config(config, amp_dtype)
     sizes = [s.strip() for s in str(getattr(args, "sizes", "tiny,50m")).split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:
@@ -183,11 +197,12 @@ def main(args: argparse.Namespace, config: RunConfig) -> int:
     steps = max(int(getattr(args, "steps", 3)), 1)
     print(
         f"trainer step on {device} ({torch.get_num_threads()} torch threads), estimator "
-        f"{settings.estimator}, KL {settings.kl_coef}, micro-batch {settings.micro_batch}, "
+        f"{config.algorithm.estimator}, KL {config.algorithm.kl_coef}, "
+        f"micro-batch {config.optim.micro_batch}, "
         f"{PROMPT_LEN}-token prompts, {RESPONSE_LEN // 2}-{RESPONSE_LEN}-token responses; "
         f"median of {steps} steps after 1 warm-up"
     )
     for size in sizes:
-        figures = run_size(size, replace(settings), device, lr=config.optim.lr, steps=steps)
+        figures = run_size(size, config, device, amp_dtype=amp_dtype, steps=steps)
         print(figures.line(), flush=True)
     return 0

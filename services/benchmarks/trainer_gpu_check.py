@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from services.benchmarks.trainer import measure, synthetic_batch
-from services.trainer.step import StepSettings, train_step
+from services.core.config import RunConfig
+from services.trainer.step import train_step
 
 
-def sanity(model_dir: Path, settings: StepSettings, device: torch.device) -> str | None:
+def sanity(model_dir: Path, config: RunConfig, device: torch.device) -> str | None:
     """One step on a small batch: finite numbers and moved weights, or why not."""
     from transformers import AutoModelForCausalLM
 
@@ -44,7 +45,7 @@ def sanity(model_dir: Path, settings: StepSettings, device: torch.device) -> str
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = synthetic_batch(2, 4, vocab_size=len(vocab()), seed=1).to(device)
-    m = train_step(model, optimizer, batch, settings, ref_model=ref).metrics
+    m = train_step(model, optimizer, batch, config, amp_dtype=torch.bfloat16, ref_model=ref).metrics
     values = [m[k] for k in ("loss", "grad_norm", "entropy")]
     if not all(v is not None and math.isfinite(v) for v in values):
         return f"non-finite diagnostics: {m}"
@@ -69,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     from services.models.tiny import build_model, vocab
 
     device = torch.device("cuda")
-    settings = StepSettings(micro_batch=args.micro_batch, amp_dtype=torch.bfloat16)
+    config = RunConfig.model_validate({"optim": {"micro_batch": args.micro_batch}})
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="mapo-gpu-check-") as tmp:
         start = time.perf_counter()
         model_dir = build_model(Path(tmp) / args.size, args.size)
         print(f"built {args.size} in {time.perf_counter() - start:.1f} s")
-        problem = sanity(model_dir, settings, device)
+        problem = sanity(model_dir, config, device)
         if problem:
             print(f"FAILED: {problem}")
             return 1
@@ -83,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         batch = synthetic_batch(
             args.groups, args.group_size, vocab_size=len(vocab()), response_len=args.response_len
         )
-        figures = measure(model_dir, args.size, batch, settings, device=device, steps=args.steps)
+        figures = measure(
+            model_dir,
+            args.size,
+            batch,
+            config,
+            device=device,
+            amp_dtype=torch.bfloat16,
+            steps=args.steps,
+        )
     print(figures.line())
     print(
         "step times (s): " + ", ".join(f"{t:.3f}" for t in figures.step_s)

@@ -33,10 +33,13 @@ statistics are 1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
+
+from services.core.config import AlgorithmConfig
 
 AGGREGATIONS = ("token_mean", "seq_mean", "token_sum")
 KL_TYPES = ("k1", "k3", "low_var_kl")
@@ -46,12 +49,84 @@ _MAX_LOG_RATIO = 20.0
 
 
 @dataclass(frozen=True)
-class PolicyLossOutput:
-    loss: Tensor
-    """Scalar, differentiable with respect to ``logprobs``."""
-    metrics: dict[str, float]
-    """clip_frac_low, clip_frac_high, dual_clip_frac, clip_frac, ratio_mean, ratio_min,
-    ratio_max, kl, pg_loss, kl_loss, tis_weight_mean, tis_clip_frac."""
+class LossInputs:
+    """One (micro-)batch as the loss sees it; shapes in the module docstring."""
+
+    logprobs: Tensor
+    """Current policy, differentiable."""
+    old_logprobs: Tensor
+    """PPO's old (proximal) policy; the ratio is taken against it."""
+    advantages: Tensor
+    """One per sequence."""
+    mask: Tensor
+    """1 on response tokens."""
+    ref_logprobs: Tensor | None = None
+    """Frozen reference policy, for the KL term."""
+    behaviour_logprobs: Tensor | None = None
+    """The policy that sampled the tokens, for truncated importance sampling."""
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """What one loss evaluation reports; fractions and means are over masked tokens."""
+
+    loss: float
+    pg_loss: float
+    kl_loss: float
+    kl: float
+    clip_frac_low: float
+    clip_frac_high: float
+    dual_clip_frac: float
+    clip_frac: float
+    ratio_mean: float
+    ratio_min: float
+    ratio_max: float
+    tis_weight_mean: float
+    tis_clip_frac: float
+    tokens: float
+
+    @classmethod
+    def combine(cls, parts: Sequence[tuple[LossStats, float]]) -> LossStats:
+        """Merge micro-batches, given each one's share of the loss's denominator.
+
+        Loss terms add up with those shares (they sum to 1, so the merged loss is the whole
+        batch's); token statistics are weighted by tokens; the ratio range is the union.
+        """
+        tokens = sum(s.tokens for s, _ in parts)
+        with_tokens = [s for s, _ in parts if s.tokens]
+
+        def shared(name: str) -> float:
+            return float(sum(getattr(s, name) * w for s, w in parts))
+
+        def per_token(name: str) -> float:
+            return float(sum(getattr(s, name) * s.tokens for s, _ in parts)) / max(tokens, 1.0)
+
+        return cls(
+            **{name: shared(name) for name in _LOSS_TERMS},
+            **{name: per_token(name) for name in _TOKEN_MEANS},
+            ratio_min=min((s.ratio_min for s in with_tokens), default=1.0),
+            ratio_max=max((s.ratio_max for s in with_tokens), default=1.0),
+            tokens=tokens,
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        """Fields by name, for metric logs (without the token count)."""
+        d = asdict(self)
+        del d["tokens"]
+        return d
+
+
+_LOSS_TERMS = ("loss", "pg_loss", "kl_loss")
+_TOKEN_MEANS = (
+    "kl",
+    "clip_frac_low",
+    "clip_frac_high",
+    "dual_clip_frac",
+    "clip_frac",
+    "ratio_mean",
+    "tis_weight_mean",
+    "tis_clip_frac",
+)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str) -> Tensor:
@@ -104,81 +179,58 @@ def aggregate(values: Tensor, mask: Tensor, agg: str) -> Tensor:
     return (seq_means * has_tokens).sum() / has_tokens.sum().clamp_min(1)
 
 
-def policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.3,
-    dual_clip: float | None = 3.0,
-    agg: str = "token_mean",
-    ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "low_var_kl",
-    behaviour_logprobs: Tensor | None = None,
-    tis_cap: float | None = None,
-) -> PolicyLossOutput:
-    """Clipped surrogate loss plus optional KL penalty; see the module docstring."""
-    _check_inputs(
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        ref_logprobs,
-        behaviour_logprobs,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        agg=agg,
-        kl_coef=kl_coef,
-        kl_type=kl_type,
-        tis_cap=tis_cap,
-    )
-    keep = mask.bool()
+def policy_loss(x: LossInputs, objective: AlgorithmConfig) -> tuple[Tensor, LossStats]:
+    """Clipped surrogate loss plus optional KL penalty, and its statistics.
+
+    ``objective`` supplies clip_low, clip_high, dual_clip, loss_agg, kl_coef, kl_type and
+    tis_cap (validated there); see the module docstring for the formulas.
+    """
+    _check_inputs(x, objective)
+    o = objective
+    keep = x.mask.bool()
+    logprobs = x.logprobs
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
 
-    log_ratio = torch.where(keep, logprobs - old_logprobs.detach(), zero)
+    log_ratio = torch.where(keep, logprobs - x.old_logprobs.detach(), zero)
     ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-    adv = advantages.detach().to(logprobs.dtype)[:, None].expand_as(logprobs)
+    adv = x.advantages.detach().to(logprobs.dtype)[:, None].expand_as(logprobs)
 
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped = -adv * ratio.clamp(1.0 - o.clip_low, 1.0 + o.clip_high)
     pg = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    if o.dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * o.dual_clip), pg)
 
     tis_weight = torch.ones_like(ratio)
     tis_clipped = torch.zeros_like(keep)
-    if behaviour_logprobs is not None and tis_cap is not None:
+    if x.behaviour_logprobs is not None and o.tis_cap is not None:
         with torch.no_grad():
-            log_w = torch.where(keep, old_logprobs - behaviour_logprobs, zero)
+            log_w = torch.where(keep, x.old_logprobs - x.behaviour_logprobs, zero)
             # min(exp(x), cap) == exp(min(x, log cap)), which cannot overflow.
-            tis_clipped = log_w > math.log(tis_cap)
-            tis_weight = torch.exp(log_w.clamp(max=math.log(tis_cap)))
+            tis_clipped = log_w > math.log(o.tis_cap)
+            tis_weight = torch.exp(log_w.clamp(max=math.log(o.tis_cap)))
         pg = pg * tis_weight
 
-    pg_loss = aggregate(pg, keep, agg)
+    pg_loss = aggregate(pg, keep, o.loss_agg)
     kl_loss = zero
     kl_mean = zero
-    if ref_logprobs is not None:
+    if x.ref_logprobs is not None:
         # Mask the inputs, not just the output: exp() of padding would make NaN gradients.
         kl = kl_penalty(
             torch.where(keep, logprobs, zero),
-            torch.where(keep, ref_logprobs.detach(), zero),
-            kl_type,
+            torch.where(keep, x.ref_logprobs.detach(), zero),
+            o.kl_type,
         )
-        kl_loss = aggregate(kl, keep, agg)
+        kl_loss = aggregate(kl, keep, o.loss_agg)
         kl_mean = aggregate(kl.detach(), keep, "token_mean")
-    loss = pg_loss + kl_coef * kl_loss if kl_coef > 0.0 else pg_loss
+    loss = pg_loss + o.kl_coef * kl_loss if o.kl_coef > 0.0 else pg_loss
 
     with torch.no_grad():
         r = ratio.detach()
         no_flags = torch.zeros_like(keep)
-        high = keep & (adv > 0) & (r > 1.0 + clip_high)
-        low = keep & (adv < 0) & (r < 1.0 - clip_low)
-        dual = keep & (adv < 0) & (r > dual_clip) if dual_clip is not None else no_flags
+        high = keep & (adv > 0) & (r > 1.0 + o.clip_high)
+        low = keep & (adv < 0) & (r < 1.0 - o.clip_low)
+        dual = keep & (adv < 0) & (r > o.dual_clip) if o.dual_clip is not None else no_flags
         has_tokens = keep.any()
         one = torch.ones((), dtype=r.dtype, device=r.device)
         # min()/max() reject empty tensors; a sentinel keeps a [0, T] batch working.
@@ -187,6 +239,10 @@ def policy_loss(
         if r.numel() == 0:
             r_low, r_high = one[None], one[None]
         stats = {
+            "loss": loss,
+            "pg_loss": pg_loss,
+            "kl_loss": kl_loss,
+            "kl": kl_mean,
             "clip_frac_low": _token_mean(low, keep),
             "clip_frac_high": _token_mean(high, keep),
             "dual_clip_frac": _token_mean(dual, keep),
@@ -194,15 +250,13 @@ def policy_loss(
             "ratio_mean": torch.where(has_tokens, _token_mean(r, keep), one),
             "ratio_min": torch.where(has_tokens, r_low.min(), one),
             "ratio_max": torch.where(has_tokens, r_high.max(), one),
-            "kl": kl_mean,
-            "pg_loss": pg_loss,
-            "kl_loss": kl_loss,
             "tis_weight_mean": torch.where(has_tokens, _token_mean(tis_weight, keep), one),
             "tis_clip_frac": _token_mean(tis_clipped & keep, keep),
+            "tokens": keep.sum(),
         }
-        # One device-to-host copy for all metrics instead of one sync per number.
+        # One device-to-host copy for all statistics instead of one sync per number.
         values = torch.stack([v.detach().to(torch.float64) for v in stats.values()]).tolist()
-    return PolicyLossOutput(loss=loss, metrics=dict(zip(stats, values, strict=True)))
+    return loss, LossStats(**dict(zip(stats, values, strict=True)))
 
 
 def _token_mean(values: Tensor, keep: Tensor) -> Tensor:
@@ -210,50 +264,19 @@ def _token_mean(values: Tensor, keep: Tensor) -> Tensor:
     return aggregate(values.to(torch.float64), keep, "token_mean")
 
 
-def _check_inputs(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logprobs: Tensor | None,
-    behaviour_logprobs: Tensor | None,
-    *,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-    agg: str,
-    kl_coef: float,
-    kl_type: str,
-    tis_cap: float | None,
-) -> None:
-    if logprobs.ndim != 2:
-        raise ValueError(f"logprobs must be [B, T], got {tuple(logprobs.shape)}")
-    named = {"old_logprobs": old_logprobs, "mask": mask}
-    if ref_logprobs is not None:
-        named["ref_logprobs"] = ref_logprobs
-    if behaviour_logprobs is not None:
-        named["behaviour_logprobs"] = behaviour_logprobs
-    for name, t in named.items():
-        if t.shape != logprobs.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} but logprobs {tuple(logprobs.shape)}"
-            )
-    if advantages.shape != logprobs.shape[:1]:
+def _check_inputs(x: LossInputs, objective: AlgorithmConfig) -> None:
+    """Shapes, and the one cross-field rule the config cannot see (KL needs a reference)."""
+    shape = tuple(x.logprobs.shape)
+    if len(shape) != 2:
+        raise ValueError(f"logprobs must be [B, T], got {shape}")
+    for name in ("old_logprobs", "mask", "ref_logprobs", "behaviour_logprobs"):
+        t = getattr(x, name)
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but logprobs {shape}")
+    if tuple(x.advantages.shape) != shape[:1]:
         raise ValueError(
-            f"advantages must be [B] = [{logprobs.shape[0]}] (one per sequence), "
-            f"got {tuple(advantages.shape)}"
+            f"advantages must be [B] = [{shape[0]}] (one per sequence), "
+            f"got {tuple(x.advantages.shape)}"
         )
-    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None for off), got {dual_clip}")
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"unknown agg {agg!r}; choose one of {', '.join(AGGREGATIONS)}")
-    if kl_type not in KL_TYPES:
-        raise ValueError(f"unknown kl_type {kl_type!r}; choose one of {', '.join(KL_TYPES)}")
-    if not kl_coef >= 0.0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if kl_coef > 0.0 and ref_logprobs is None:
+    if objective.kl_coef > 0.0 and x.ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs (or set kl_coef to 0)")
-    if tis_cap is not None and not tis_cap > 0.0:
-        raise ValueError(f"tis_cap must be > 0 (or None for off), got {tis_cap}")

@@ -249,13 +249,6 @@ def _nonneg_int(d: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
-def _array(d: dict[str, Any], key: str, dtype: str, where: str) -> np.ndarray:
-    raw = _get(d, key, bytes, where)
-    if len(raw) % 4:
-        raise SchemaError(f"{where}: field '{key}' has {len(raw)} bytes, not a multiple of 4")
-    return np.frombuffer(raw, dtype=dtype).astype(dtype[1:], copy=True)
-
-
 def _decode_arrays(
     raw_ids: list[bytes], raw_logprobs: list[bytes], where: str
 ) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -26,44 +26,19 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_fastapi_instrumentator import Instrumentator
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.core.config import RunConfig
 from services.inference import openai_api
-from services.inference.service import EngineUnavailable, InferenceService
-from services.inference.weights import ReloadRefused
+from services.inference.generation import EngineUnavailable
+from services.inference.reload import ReloadRefused
+from services.inference.service import InferenceService
 
 log = logging.getLogger(__name__)
 
-UNINSTRUMENTED = frozenset({"/metrics", "/health"})
-
-
-class RequestMetrics:
-    """Counts requests by route template and status code (leaving out /metrics and /health)."""
-
-    def __init__(self, app: ASGIApp, service: InferenceService) -> None:
-        self.app = app
-        self.service = service
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNINSTRUMENTED:
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            self.service.metrics.requests.labels(path, str(status)).inc()
+#: Probes and scrapes are not counted in ``mapo_inference_requests_total``.
+UNINSTRUMENTED = ("^/metrics$", "^/health$")
 
 
 def probes_router(service: InferenceService) -> APIRouter:
@@ -192,5 +167,9 @@ def build_app(
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": str(exc)}, exc.status, headers=headers)
 
-    app.add_middleware(RequestMetrics, service=svc)
+    Instrumentator(
+        should_group_status_codes=False,
+        excluded_handlers=list(UNINSTRUMENTED),
+        registry=svc.metrics.registry,
+    ).add(svc.metrics.count_request).instrument(app)
     return app

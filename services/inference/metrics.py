@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,9 +20,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+if TYPE_CHECKING:
+    from prometheus_fastapi_instrumentator.metrics import Info
+
 PREFIX = "mapo_inference_"
 RATE_WINDOW_S = 10.0
-# Why a version was not loaded (see services/inference/weights.py).
+# Why a version was not loaded (see services/inference/reload.py).
 RELOAD_FAILURE_REASONS = ("missing", "unavailable", "corrupt", "mismatch", "incompatible", "engine")
 RELOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Where a scored group's time goes in the rollout worker (services/inference/rollout_worker.py).
@@ -112,6 +116,11 @@ class InferenceMetrics:
     def record_tokens(self, tokens: int) -> None:
         self.generated_tokens.inc(tokens)
         self.rate.add(tokens)
+
+    def count_request(self, info: Info) -> None:
+        """One HTTP request, by route template ("unmatched" when no route took it) and code."""
+        route = "unmatched" if info.modified_handler == "none" else info.modified_handler
+        self.requests.labels(route, info.modified_status).inc()
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         """Read the queue depth at scrape time, so it is never stale."""

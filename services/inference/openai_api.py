@@ -16,12 +16,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.inference.service import (
-    EngineUnavailable,
-    InferenceService,
-    PromptRejected,
-    sampling_params,
-)
+from services.inference.generation import EngineUnavailable, PromptRejected, sampling_params
+from services.inference.service import InferenceService
 
 if TYPE_CHECKING:
     from vllm import CompletionOutput

@@ -24,21 +24,80 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    wait_exponential_jitter,
+)
 
+from services.core.config import RunConfig
 from services.core.schemas import PromptMessage, Rollout, ScoredGroup
-from services.inference.service import EngineUnavailable, PromptRejected, sampling_params
+from services.inference.generation import (
+    EngineUnavailable,
+    Generation,
+    PromptRejected,
+    sampling_params,
+)
+from services.inference.metrics import InferenceMetrics
 from services.transport.names import INFERENCE_GROUP
 
 if TYPE_CHECKING:
     from vllm import CompletionOutput, RequestOutput, SamplingParams
 
-    from services.inference.service import InferenceService
-    from services.transport.base import Bus, Delivery
+    from services.transport import Bus, Delivery
 
 log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
+
+
+def backoff(what: str, **options: Any) -> AsyncRetrying:
+    """Retry a call until it works: waits grow from RETRY_MIN_S to RETRY_MAX_S with jitter (so
+    replicas do not retry in step), each failure is logged as 'cannot <what>', and cancellation
+    still ends it at once."""
+
+    def note(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("cannot %s: %s; retrying in %.1f s", what, error, state.upcoming_sleep)
+
+    return AsyncRetrying(
+        wait=wait_exponential_jitter(multiplier=RETRY_MIN_S, max=RETRY_MAX_S, jitter=RETRY_MIN_S),
+        before_sleep=note,
+        reraise=True,
+        **options,
+    )
+
+
+class EngineState(Protocol):
+    @property
+    def errored(self) -> bool: ...
+
+
+class RolloutService(Protocol):
+    """What the worker needs from the inference service that runs it."""
+
+    @property
+    def config(self) -> RunConfig: ...
+
+    @property
+    def replica(self) -> str: ...
+
+    @property
+    def metrics(self) -> InferenceMetrics: ...
+
+    @property
+    def engine(self) -> EngineState | None: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    async def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> Generation: ...
 
 
 class Scorer(Protocol):
@@ -128,7 +187,7 @@ def build_group(
 class RolloutWorker:
     """Consumes the prompts stream as one consumer of the ``inference`` group."""
 
-    def __init__(self, service: InferenceService, bus: Bus, scorer: Scorer | None = None) -> None:
+    def __init__(self, service: RolloutService, bus: Bus, scorer: Scorer | None = None) -> None:
         cfg = service.config
         self.service = service
         self.bus = bus
@@ -179,7 +238,7 @@ class RolloutWorker:
 
             cfg = self.service.config.reward
             self.scorer = RewardClient(cfg.address, cfg.timeout_s)
-        await self._retry("create the consumer group", self._ensure_group)
+        await backoff("create the consumer group")(self._ensure_group)
         renewer = asyncio.create_task(self._renew_forever(), name="rollout-renew")
         self.state = "running" if self._running.is_set() else "paused"
         try:
@@ -196,7 +255,7 @@ class RolloutWorker:
                     self.state = "engine unavailable"
                     await asyncio.sleep(1.0)
                     continue
-                deliveries = await self._retry("read prompts", self._read, free)
+                deliveries = await backoff("read prompts")(self._read, free)
                 for delivery in deliveries:
                     task = asyncio.create_task(self._process(delivery))
                     self._tasks.add(task)
@@ -221,18 +280,6 @@ class RolloutWorker:
             await asyncio.sleep(period)
             with contextlib.suppress(Exception):
                 await self.bus.renew(self.prompts_stream, self.group)
-
-    async def _retry(self, what: str, fn: Any, *args: Any) -> Any:
-        delay = RETRY_MIN_S
-        while True:
-            try:
-                return await fn(*args)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("cannot %s: %s; retrying in %.1f s", what, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
 
     # ------------------------------------------------------------------ one prompt
 
@@ -297,24 +344,22 @@ class RolloutWorker:
     async def _score(self, prompt: PromptMessage, completions: list[str]) -> Sequence[Any]:
         """Score a group, retrying with backoff while the reward service is unreachable."""
         assert self.scorer is not None
-        delay = RETRY_MIN_S
-        while True:
-            try:
-                scores = await self.scorer.score_batch(prompt.task, completions, [prompt.answer])
-                if self.state == "waiting for the reward service":
-                    self.state = "running" if self._running.is_set() else "paused"
-                return scores
-            except asyncio.CancelledError:
-                raise
-            except ValueError as exc:  # the service refused this request: retrying cannot help
-                raise PromptRejected(f"the reward service refused it: {exc}") from None
-            except Exception as exc:
-                self.state = "waiting for the reward service"
-                log.warning(
-                    "reward service failed for prompt %s: %s; retrying in %.1f s",
-                    prompt.prompt_id,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+
+        def waiting(state: RetryCallState) -> None:
+            self.state = "waiting for the reward service"
+
+        retrying = backoff(
+            f"score prompt {prompt.prompt_id} (reward service)",
+            # A refusal (ValueError) is final; cancellation is not an Exception and ends it too.
+            retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(ValueError),
+            after=waiting,
+        )
+        try:
+            scores = await retrying(
+                self.scorer.score_batch, prompt.task, completions, [prompt.answer]
+            )
+        except ValueError as exc:  # the service refused this request: retrying cannot help
+            raise PromptRejected(f"the reward service refused it: {exc}") from None
+        if self.state == "waiting for the reward service":
+            self.state = "running" if self._running.is_set() else "paused"
+        return scores

@@ -16,54 +16,30 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from tenacity import AsyncRetrying, before_sleep_log, wait_exponential_jitter
 
 from services.core.config import RunConfig
 from services.core.schemas import WeightAnnouncement
+from services.inference.generation import EngineUnavailable, Generation, PromptRejected
 from services.inference.metrics import InferenceMetrics
-from services.inference.weights import Candidate, ReloadRefused, WeightManager, resolve_model_dir
+from services.inference.reload import Candidate, ReloadRefused, WeightManager
+from services.inference.rollout_worker import RolloutWorker
+from services.weights.base_model import resolve_model_dir
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from services.inference.rollout_worker import RolloutWorker
-    from services.transport.base import Bus, Delivery
+    from services.transport import Bus, Delivery
 
 log = logging.getLogger(__name__)
 
 # How long start-up waits for the bus before it serves the HTTP API without it.
 BUS_STARTUP_WAIT_S = 10.0
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine is not started yet, or it died."""
-
-
-class PromptRejected(ValueError):
-    """A request that cannot succeed anywhere: an empty prompt, one too long for the model's
-    context, sampling settings the engine refuses, or a group the reward service refuses."""
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Outputs of one batch of prompts and the one version that produced all of them."""
-
-    version: int
-    outputs: list[RequestOutput]
-    seconds: float
-
-
-def sampling_params(**kwargs: Any) -> SamplingParams:
-    """vLLM sampling parameters; settings it rejects raise :class:`PromptRejected`."""
-    from vllm import SamplingParams
-    from vllm.exceptions import VLLMClientError
-
-    try:
-        return SamplingParams(**kwargs)
-    except (VLLMClientError, ValueError) as exc:
-        raise PromptRejected(f"sampling settings rejected: {exc}") from None
+# Without a bus, retry it every second, then less often, up to every half minute.
+BUS_RETRY_MAX_S = 30.0
 
 
 def replica_name(configured: str) -> str:
@@ -148,19 +124,13 @@ class InferenceService:
         """Start the rollout worker once the newest announced version is in, then follow the
         announcements. Without a bus at start-up, wait for it first: no rollout is generated
         before the newest announced weights are loaded."""
-        from services.inference.rollout_worker import RolloutWorker
-
         assert self.bus is not None and self.weights is not None
         if announced is None:
-            delay = 1.0
-            while True:
-                try:
-                    announced = await self._latest_announcement()
-                    break
-                except Exception as exc:
-                    log.warning("bus unreachable (%s); retrying in %.0f s", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+            retrying = AsyncRetrying(
+                wait=wait_exponential_jitter(multiplier=1.0, max=BUS_RETRY_MAX_S, jitter=1.0),
+                before_sleep=before_sleep_log(log, logging.WARNING),
+            )
+            announced = await retrying(self._latest_announcement)
             if announced is not None:
                 with contextlib.suppress(ReloadRefused):
                     await self.weights.apply(_candidate(announced.message))

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from tenacity import AsyncRetrying, before_sleep_log, wait_exponential_jitter
+
 from services.reward import worker as worker_module
 from services.reward.registry import Task
 from services.reward.verifiers import Status
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 KILL_GRACE_S = 0.5
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
+RESPAWN_BACKOFF_S = 0.5  # first wait after a worker fails to start; doubles up to the max
 RESPAWN_BACKOFF_MAX_S = 10.0
 PRELOAD = ["services.reward.warm"]
 
@@ -253,17 +256,11 @@ class VerifierPool:
 
     async def _slot(self, index: int, worker: _Worker | None) -> None:
         """Feed one worker job after job; replace it whenever it dies or overruns."""
-        backoff = 0.5
         while not self._closing:
             if worker is None:
-                try:
-                    worker = await self._start_worker()
-                    backoff = 0.5
-                except Exception as exc:
-                    log.error("verifier worker %d failed to start: %s", index, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, RESPAWN_BACKOFF_MAX_S)
-                    continue
+                worker = await self._respawn()
+                if worker is None:
+                    break
             job = await self._next_job()
             if job is None:
                 break
@@ -286,6 +283,19 @@ class VerifierPool:
                     self._on_restart()
         if worker is not None:
             await self._stop_worker(worker)
+
+    async def _respawn(self) -> _Worker | None:
+        """A fresh worker, retried with backoff until one starts; None once the pool closes."""
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(
+                multiplier=RESPAWN_BACKOFF_S, max=RESPAWN_BACKOFF_MAX_S, jitter=RESPAWN_BACKOFF_S
+            ),
+            stop=lambda _: self._closing,
+            before_sleep=before_sleep_log(log, logging.ERROR),
+            retry_error_callback=lambda _: None,
+        )
+        worker: _Worker | None = await retrying(self._start_worker)
+        return worker
 
     async def _run(self, worker: _Worker, job: _Job) -> tuple[Outcome, bool]:
         """Run one job on ``worker``: (outcome, whether the worker can be reused)."""

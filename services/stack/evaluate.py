@@ -46,7 +46,7 @@ def accuracy(
 
 
 @dataclass(frozen=True)
-class Policy:
+class LocalModel:
     """Where a local target's weights come from: a model directory, maybe newer tensors."""
 
     model_dir: Path
@@ -59,21 +59,22 @@ class Policy:
 
 
 def _newest_version(store: Path) -> Path | None:
-    from services.transport.weight_store import latest_version, version_dir
+    from services.weights.store import latest_version, version_dir
 
     version = latest_version(store)
     return None if version is None else version_dir(store, version)
 
 
-def resolve_target(target: Path, base_model: Path | None) -> Policy:
+def resolve_target(target: Path, base_model: Path | None) -> LocalModel:
     """Which model directory and which weight version a local TARGET stands for."""
-    from services.transport.weight_store import LATEST_FILE, MANIFEST_FILE, list_versions
+    from services.weights.store import MANIFEST_FILE, list_versions
+    from services.weights.versions import LATEST_FILE
 
     if (target / "config.json").is_file():
-        return Policy(target)
+        return LocalModel(target)
     if (target / "model" / "config.json").is_file():  # a run directory
         weights = target / "weights"
-        return Policy(target / "model", _newest_version(weights) if weights.is_dir() else None)
+        return LocalModel(target / "model", _newest_version(weights) if weights.is_dir() else None)
     is_version = (target / MANIFEST_FILE).is_file()
     is_store = (target / LATEST_FILE).is_file() or bool(list_versions(target))
     if is_version or is_store:
@@ -82,7 +83,7 @@ def resolve_target(target: Path, base_model: Path | None) -> Policy:
                 f"{target} holds weights only; its model directory ({base_model}) is missing: "
                 "pass --config with model.path set to the model the run started from"
             )
-        return Policy(base_model, target if is_version else _newest_version(target))
+        return LocalModel(base_model, target if is_version else _newest_version(target))
     raise ValueError(
         f"{target} is not a model directory, a weight-store version, a weight store or a run "
         "directory (found no config.json, manifest.json or LATEST)"
@@ -108,7 +109,7 @@ def load_policy(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if version_dir is not None:
-        from services.transport.weight_store import load_tensors
+        from services.weights.store import load_tensors
 
         tensors = load_tensors(version_dir)
         result = model.load_state_dict(tensors, strict=False)
@@ -124,10 +125,10 @@ def load_policy(
     return model, tokenizer
 
 
-def newest_weights(model_dir: Path, store: Path | None) -> Policy:
+def newest_weights(model_dir: Path, store: Path | None) -> LocalModel:
     """The model directory with the newest version of ``store`` (none yet: the model itself)."""
     version = _newest_version(store) if store is not None and store.is_dir() else None
-    return Policy(model_dir, version)
+    return LocalModel(model_dir, version)
 
 
 def held_out(config: RunConfig) -> list[Example]:

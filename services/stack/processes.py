@@ -1,9 +1,15 @@
-"""Child processes of a local run: start with a log file, wait for readiness, stop by PID.
+"""Child processes: start with a log file, wait for readiness, stop by PID.
+
+The one way the project starts a process it then waits on (``mapo up``, the benchmarks, the
+test fixtures). The caller picks a server's port with :func:`free_port` and passes it in;
+readiness is a probe polled against a deadline (:func:`wait_until`), never a line read back
+from the log.
 
 Every child gets its own session, so a Ctrl-C reaches only the orchestrator, which then stops
 the children in order (trainer first, Redis last) instead of all of them dying at once. On
-Linux a child is also told to receive SIGTERM if the orchestrator itself dies, so a killed run
-leaves nothing behind. Only processes started here are ever signalled.
+Linux a child started from the main thread is also told to receive SIGTERM if the orchestrator
+itself dies, so a killed run leaves nothing behind. Only processes started here are ever
+signalled: a child, and the helpers it spawned into its own process group.
 """
 
 from __future__ import annotations
@@ -12,22 +18,23 @@ import contextlib
 import ctypes
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
 
 _PR_SET_PDEATHSIG = 1
 
 
 class StartError(RuntimeError):
-    """A piece of the stack could not start; carries the fix and the tail of its log."""
+    """A process could not start; carries the fix and the tail of its log."""
 
     def __init__(self, message: str, *, fix: str = "", log: str = "") -> None:
         super().__init__(message)
@@ -43,6 +50,8 @@ class StartError(RuntimeError):
         if self.log:
             parts.append("last lines of its log:\n" + _indent(self.log))
         return "\n".join(parts)
+
+    __str__ = explain
 
 
 def _indent(text: str) -> str:
@@ -78,15 +87,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def log_tail(path: Path, lines: int = 25) -> str:
-    """The last ``lines`` lines of a log file (empty when there is none)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM when the parent dies (Linux only)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -94,13 +94,24 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    # The kernel sends it when the *thread* that forked the child ends, so only a child of the
+    # main thread gets it: one started from a worker thread would die with that thread.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    return _die_with_parent if on_main_thread and sys.platform.startswith("linux") else None
+
+
 class Child:
-    """One started process, its log file, and a stop that escalates from SIGTERM to SIGKILL."""
+    """One started process, its log file, and a stop that escalates from SIGTERM to SIGKILL.
+
+    As a context manager it is stopped when the block ends, however it ends.
+    """
 
     def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
         self.name = name
         self.proc = proc
         self.log_path = log_path
+        self._terminated = False
 
     @classmethod
     def start(
@@ -123,9 +134,20 @@ class Child:
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_parent_death_signal(),
             )
         return cls(name, proc, log_path)
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
     @property
     def pid(self) -> int:
@@ -138,19 +160,41 @@ class Child:
         return self.proc.poll()
 
     def tail(self, lines: int = 25) -> str:
-        return log_tail(self.log_path, lines)
+        """The last ``lines`` lines of its log (empty when there is none)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def wait(self, timeout_s: float | None = None) -> int:
+        """Its exit code once it exits (``subprocess.TimeoutExpired`` after ``timeout_s``)."""
+        return self.proc.wait(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM once, without waiting: a second one would cut a graceful shutdown short,
+        so several children can be told together and then stopped one by one."""
+        if not self._terminated and self.proc.poll() is None:
+            self._terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> int:
+        """SIGKILL to it and its process group at once, as a crash or an OOM kill would."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait(10)
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM, wait up to ``grace_s``, then SIGKILL; also end what it left in its session."""
-        if self.proc.poll() is None:
+        self.terminate()
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                self.proc.wait(10)
+                self.proc.kill()
+            self.proc.wait(10)
         # Helpers the child spawned (worker pools) share its session's process group, whose id
         # is the child's PID; the id cannot be reused while any member is alive.
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -168,7 +212,7 @@ def wait_until(
     *,
     what: str,
     timeout_s: float,
-    fix: str,
+    fix: str = "",
     interval_s: float = 0.25,
 ) -> None:
     """Poll ``ready`` until it is true; fail fast with the log tail if the child exits."""
@@ -191,6 +235,15 @@ def wait_until(
         time.sleep(interval_s)
 
 
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def http_ok(url: str, timeout_s: float = 2.0) -> bool:
     """Whether GET ``url`` answers 200."""
     try:
@@ -206,16 +259,6 @@ def grpc_serving(address: str, timeout_s: float = 2.0) -> bool:
 
     serving, _ = check(address, "", timeout_s)
     return serving
-
-
-def find_in_log(path: Path, pattern: re.Pattern[str]) -> str | None:
-    """The first group of the first match of ``pattern`` in the log, or None."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return None
-    match = pattern.search(text)
-    return match.group(1) if match else None
 
 
 def stop_all(children: Sequence[Child], grace_s: float = 15.0) -> None:

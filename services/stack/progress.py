@@ -17,8 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 SUMMARY_FILE = "summary.json"
 CURVE_FILE = "learning_curve.png"
+BAR_CHARS = "-#"  # tqdm's bar: empty, then full
 
 
 class MetricsFollower:
@@ -67,13 +70,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _clock(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 60:02d}:{seconds % 60:02d}"
-
-
 class ProgressLine:
-    """One status line: rewritten in place on a terminal, printed every so often elsewhere."""
+    """One status line: redrawn in place on a terminal, printed every so often elsewhere.
+
+    tqdm draws the line on a terminal; a log or CI gets the same text as plain lines (on the
+    first step, on evals, on the last step and every ``plain_every_s`` seconds).
+    """
 
     def __init__(
         self,
@@ -88,65 +90,71 @@ class ProgressLine:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.plain_every_s = plain_every_s
-        self.width = width
         self.start = time.monotonic()
         self.last_eval: float | None = None
         self._last_plain = -math.inf
-        self._shown = ""
+        # One layout for both: tqdm fills in the bar, the elapsed time and the time left.
+        steps = f"{{n:>{len(str(self.total))}}}/{{total}}"
+        self.layout = f"step {steps} [{{bar:{width}}}]{{postfix}}  {{elapsed}}<{{remaining}}"
+        self._bar = (
+            tqdm(total=self.total, file=self.stream, bar_format=self.layout, ascii=BAR_CHARS)
+            if self.tty
+            else None
+        )
 
-    def render(self, record: Mapping[str, Any], now: float | None = None) -> str:
-        """The status text for the latest step record."""
-        now = time.monotonic() if now is None else now
-        step = int(_num(record, "step") or 0)
+    def _stats(self, record: Mapping[str, Any]) -> str:
+        """The quantities after the bar; the last eval stays on the line until the next one."""
         eval_acc = _num(record, "eval_accuracy")
         if eval_acc is not None:
             self.last_eval = eval_acc
-        done = min(1.0, step / self.total)
-        filled = round(done * self.width)
-        bar = "#" * filled + "-" * (self.width - filled)
-        elapsed = now - self.start
-        eta = elapsed / done - elapsed if done > 0 else None
         return (
-            f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] "
             f"reward {_fmt(_num(record, 'reward_mean'), '.2f')}  "
             f"acc {_fmt(_num(record, 'accuracy'), '.2f')}  "
             f"p {_fmt(_num(record, 'p_mean'), '.2f')}  "
             f"lambda {_fmt(_num(record, 'lambda_mean'), '.2f')}  "
             f"stale {_fmt(_num(record, 'staleness_mean'), '.1f')}  "
-            f"eval {_fmt(None if self.last_eval is None else 100 * self.last_eval, '.1f')}%  "
-            f"{_clock(elapsed)}<{'--:--' if eta is None else _clock(eta)}"
+            f"eval {_fmt(None if self.last_eval is None else 100 * self.last_eval, '.1f')}%"
+        )
+
+    def _step(self, record: Mapping[str, Any]) -> int:
+        return min(self.total, int(_num(record, "step") or 0))
+
+    def render(self, record: Mapping[str, Any], now: float | None = None) -> str:
+        """The status text for the latest step record."""
+        now = time.monotonic() if now is None else now
+        return tqdm.format_meter(
+            self._step(record),
+            self.total,
+            now - self.start,
+            ascii=BAR_CHARS,
+            bar_format=self.layout,
+            postfix=self._stats(record),
         )
 
     def update(self, record: Mapping[str, Any]) -> None:
         """Show the latest step: always on a terminal, on evals or every few seconds elsewhere."""
+        if self._bar is not None:
+            self._bar.n = self._step(record)
+            self._bar.set_postfix_str(self._stats(record))  # redraws the line
+            return
         now = time.monotonic()
         text = self.render(record, now)
-        if self.tty:
-            pad = max(0, len(self._shown) - len(text))
-            self.stream.write("\r" + text + " " * pad)
-            self.stream.flush()
-            self._shown = text
-            return
         is_eval = _num(record, "eval_accuracy") is not None
-        last = int(_num(record, "step") or 0) >= self.total
-        if is_eval or last or now - self._last_plain >= self.plain_every_s:
+        due = now - self._last_plain >= self.plain_every_s
+        if is_eval or due or self._step(record) >= self.total:
             self.stream.write(text + "\n")
             self.stream.flush()
             self._last_plain = now
 
     def message(self, text: str) -> None:
         """Print a line without garbling the status line."""
-        if self.tty and self._shown:
-            self.stream.write("\r" + " " * len(self._shown) + "\r")
-            self._shown = ""
-        self.stream.write(text + "\n")
+        tqdm.write(text, file=self.stream)
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = ""
+        """Leave the last state on its own line."""
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _warm_start_cell(summary: Mapping[str, Any]) -> str:
@@ -232,54 +240,25 @@ def plot_learning_curve(
     final: tuple[int, float] | None = None,
     title: str = "held-out accuracy and train reward",
 ) -> Path:
-    """Draw the PNG learning curve with Pillow (no plotting library needed)."""
-    from PIL import Image, ImageDraw, ImageFont
+    """Draw the PNG learning curve with matplotlib (imported here: the CLI starts without it)."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg: no display, no pyplot
+    from matplotlib.ticker import PercentFormatter
 
     held, reward = curve_points(records, initial, final)
     reward = _smooth(reward, 10)
-    w, h = 900, 540
-    left, right, top, bottom = 80, 30, 60, 80
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    try:
-        font: Any = ImageFont.load_default(size=16)
-        small: Any = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
-        font = small = ImageFont.load_default()
-    max_step = max([p[0] for p in held + reward] + [1.0])
-    x0, x1, y0, y1 = left, w - right, h - bottom, top
-
-    def to_xy(step: float, value: float) -> tuple[float, float]:
-        return x0 + (x1 - x0) * step / max_step, y0 - (y0 - y1) * min(max(value, 0.0), 1.0)
-
-    for i in range(11):
-        y = y0 - (y0 - y1) * i / 10
-        draw.line([(x0, y), (x1, y)], fill=(230, 230, 230))
-        draw.text((x0 - 8, y), f"{i * 10}%", fill="black", font=small, anchor="rm")
-    ticks = 10
-    for i in range(ticks + 1):
-        step = max_step * i / ticks
-        x = x0 + (x1 - x0) * i / ticks
-        draw.line([(x, y0), (x, y0 + 5)], fill="black")
-        draw.text((x, y0 + 8), f"{step:.0f}", fill="black", font=small, anchor="mt")
-    draw.rectangle([x0, y1, x1, y0], outline="black")
-    draw.text((w / 2, h - 30), "RL step", fill="black", font=font, anchor="mm")
-    draw.text((w / 2, 25), title, fill="black", font=font, anchor="mm")
-
-    series = [
-        ("train reward (mean of 10 steps)", reward, (230, 140, 40), False),
-        ("held-out accuracy (greedy)", held, (30, 90, 200), True),
-    ]
-    for k, (label, points, colour, markers) in enumerate(series):
-        xy = [to_xy(s, v) for s, v in points]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=3)
-        if markers:
-            for x, y in xy:
-                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        ly = y1 + 15 + 22 * k
-        draw.line([(x0 + 15, ly), (x0 + 45, ly)], fill=colour, width=3)
-        draw.text((x0 + 52, ly), label, fill="black", font=small, anchor="lm")
+    fig = Figure(figsize=(9, 5.4), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for label, points, style, colour in (
+        ("train reward (mean of 10 steps)", reward, "-", "tab:orange"),
+        ("held-out accuracy (greedy)", held, "o-", "tab:blue"),
+    ):
+        steps, values = [s for s, _ in points], [v for _, v in points]
+        ax.plot(steps, values, style, color=colour, linewidth=2.5, markersize=6, label=label)
+    ax.set(title=title, xlabel="RL step", ylim=(0.0, 1.0), yticks=[i / 10 for i in range(11)])
+    ax.set_xlim(0.0, max([s for s, _ in held + reward] + [1.0]))
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    ax.grid(axis="y", color="0.9")
+    ax.legend(loc="upper left")
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    fig.savefig(path, format="png")
     return path

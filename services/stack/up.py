@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
-import json
-import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -27,15 +25,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from services.core.config import ConfigError, RunConfig, load_config
 from services.core.tasks import Example
 from services.stack.processes import (
     Child,
     StartError,
-    find_in_log,
     free_port,
     grpc_serving,
     http_ok,
+    port_open,
     stop_all,
     wait_until,
 )
@@ -50,7 +50,6 @@ from services.stack.progress import (
 
 DEFAULT_RUN_DIR = "runs/demo"
 DEMO_CONFIG = "configs/demo.toml"
-LISTENING = re.compile(r"mapo-inference listening on (http://\S+)")
 
 #: The service entry points, each named by the file a checkout must contain.
 PIECES = {
@@ -126,43 +125,19 @@ def missing_pieces() -> list[str]:
     return missing
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def dump_config(config: RunConfig) -> tuple[str, list[str]]:
     """The config as TOML, and ``section.field=null`` overrides for the fields that are None.
 
     TOML has no null, and leaving a field out would bring back its default, so a None travels
     to the child processes as an explicit override instead.
     """
-    lines = ["# The effective config of this run, written by `mapo up`."]
-    nulls: list[str] = []
-    for section, values in config.model_dump(mode="json").items():
-        lines.append(f"\n[{section}]")
-        for key, value in values.items():
-            if value is None:
-                nulls.append(f"{section}.{key}=null")
-                lines.append(
-                    f"# {key} = null (passed to the services as --set {section}.{key}=null)"
-                )
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n", nulls
+    tree = config.model_dump(mode="json")
+    nulls = [f"{s}.{k}=null" for s, fields in tree.items() for k, v in fields.items() if v is None]
+    header = "# The effective config of this run, written by `mapo up`.\n"
+    if nulls:
+        header += "# None (passed to the services as --set): " + " ".join(nulls) + "\n"
+    body = {s: {k: v for k, v in fields.items() if v is not None} for s, fields in tree.items()}
+    return header + "\n" + tomli_w.dumps(body), nulls
 
 
 def run_config(base: RunConfig, run_dir: Path, redis_url: str, reward_port: int) -> RunConfig:
@@ -251,10 +226,11 @@ class Stack:
         )
 
     def start_inference(self, replicas: int) -> None:
-        for i in range(replicas):
+        ports = [free_port() for _ in range(replicas)]
+        for i, port in enumerate(ports):
             name = f"replica-{i}"
-            args = ["inference", "serve", "--model", self.config.model.path]
-            args += ["--host", "127.0.0.1", "--port", "0", "--set", f"inference.replica={name}"]
+            args = ["inference", "serve", "--model", self.config.model.path, "--port", str(port)]
+            args += ["--host", "127.0.0.1", "--set", f"inference.replica={name}"]
             child = Child.start(
                 f"inference {name}",
                 self._mapo(*args),
@@ -266,20 +242,18 @@ class Stack:
             "see the log above; `mapo inference serve --model DIR --port 0` runs one replica "
             "alone. On a small machine try --replicas 1, or lower inference.kv_cache_gib."
         )
-        for child in self.replicas:
-            url: list[str] = []
-
-            def listening(child: Child = child, url: list[str] = url) -> bool:
-                found = find_in_log(child.log_path, LISTENING)
-                if found:
-                    url.append(found)
-                return bool(found)
-
-            wait_until(child, listening, what="listening", timeout_s=120.0, fix=fix)
-            base = url[0].rstrip("/")
+        for child, port in zip(self.replicas, ports, strict=True):
             wait_until(
                 child,
-                lambda base=base: http_ok(base + "/ready"),
+                functools.partial(port_open, "127.0.0.1", port),
+                what="listening",
+                timeout_s=120.0,
+                fix=fix,
+            )
+            base = f"http://127.0.0.1:{port}"
+            wait_until(
+                child,
+                functools.partial(http_ok, base + "/ready"),
                 what=f"ready at {base}/ready",
                 timeout_s=INFERENCE_READY_S,
                 fix=fix,

@@ -10,19 +10,16 @@ Layout under ``{run_dir}/checkpoints``::
     LATEST                           the newest step (a hint; the directory scan decides)
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, then renamed into
-place, so a reader (or a resumed run after ``kill -9``) sees either the whole checkpoint or none
-of it. ``state.json`` lists the sha256 of every other file and :func:`latest_checkpoint` checks
-them, falling back to an older checkpoint if the newest is damaged. Nothing is pickled.
+place (:class:`~services.weights.versions.VersionedDirs`), so a reader (or a resumed run after
+``kill -9``) sees either the whole checkpoint or none of it. ``state.json`` lists the sha256 of
+every other file and :func:`latest_checkpoint` checks them, falling back to an older checkpoint
+if the newest is damaged. Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from services.transport.files import atomic_write_bytes, atomic_write_json, fsync_path, sha256_file
+from services.weights.versions import VersionedDirs, atomic_write_json, fsync_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +36,8 @@ STATE_FILE = "state.json"
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-LATEST_FILE = "LATEST"
 FORMAT = 1
 KEEP = 2
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
@@ -129,8 +124,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], generator: torch.Generator |
 # ----------------------------------------------------------------------------- save / load
 
 
+def _checkpoints(run_dir: str | Path) -> VersionedDirs:
+    return VersionedDirs(checkpoint_root(run_dir), "step_", STATE_FILE)
+
+
 def step_dir(run_dir: str | Path, step: int) -> Path:
-    return checkpoint_root(run_dir) / f"step_{step:08d}"
+    return _checkpoints(run_dir).path(step)
 
 
 def save_checkpoint(
@@ -145,13 +144,11 @@ def save_checkpoint(
     keep: int = KEEP,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and prune all but the newest ``keep``."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(run_dir, step)
+    checkpoints = _checkpoints(run_dir)
+    final = checkpoints.path(step)
     if final.exists():
         raise CheckpointError(f"checkpoint {final} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root))
-    try:
+    with checkpoints.writing(step) as tmp:
         model.save_pretrained(str(tmp / MODEL_DIR), safe_serialization=True)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / MODEL_DIR))
@@ -172,45 +169,18 @@ def save_checkpoint(
         }
         atomic_write_json(tmp / STATE_FILE, body)
         fsync_path(tmp / MODEL_DIR)
-        os.rename(tmp, final)
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_bytes(root / LATEST_FILE, f"{step}\n".encode())
-    prune(run_dir, keep)
+    checkpoints.prune(keep)
     return final
 
 
 def list_checkpoints(run_dir: str | Path) -> list[int]:
     """Steps with a checkpoint directory (complete by construction), oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    steps = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and (child / STATE_FILE).is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    return _checkpoints(run_dir).list()
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
     """Remove old checkpoints and temporary directories a killed writer left behind."""
-    root = checkpoint_root(run_dir)
-    for step in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        # Out of sight first: a kill during the deletion must not leave a visible checkpoint
-        # with files missing.
-        trash = root / f".trash-step_{step:08d}-{os.getpid()}"
-        try:
-            os.rename(step_dir(run_dir, step), trash)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
-    for child in [*root.glob(".tmp-step_*"), *root.glob(".trash-*")]:
-        # One trainer writes a run directory, and its own temporary directory is renamed
-        # before it prunes: what is left was abandoned by a killed writer.
-        shutil.rmtree(child, ignore_errors=True)
+    _checkpoints(run_dir).prune(keep)
 
 
 def read_state(path: str | Path, *, verify: bool = True) -> dict[str, Any]:

@@ -1,12 +1,11 @@
 """The trainer's run loop: prompts out, scored groups in, one step at a time, exactly once.
 
-Two asyncio tasks share the bus. The *feeder* keeps the prompts stream filled up to
-``trainer.in_flight`` and reads scored groups into a queue as they arrive (so it keeps working
-while a step computes in a thread). A prompt counts as in flight until the loop takes its group
-from the queue, so the backlog of unread and queued groups is bounded by the budget too. The *loop* takes groups from the queue, admits or rejects
-each one, and for every batch of ``trainer.prompts_per_step`` groups: trains (in a thread),
-publishes weights, logs metrics, and every ``trainer.checkpoint_every`` steps checkpoints and
-only then acknowledges the groups the checkpoint covers.
+Two asyncio tasks share the bus: the feeder (:mod:`services.trainer.feeder`) keeps prompts
+in flight and queues scored groups as they arrive; this loop takes groups from the queue,
+admits or rejects each one (:func:`services.trainer.admission.admit`), and for every batch of
+``trainer.prompts_per_step`` groups: trains (in a thread), publishes weights, logs metrics,
+and every ``trainer.checkpoint_every`` steps checkpoints and only then acknowledges the groups
+the checkpoint covers.
 
 Exactly-once guarantee. Every scored group is applied exactly once to the model lineage that
 survives: the ids of applied groups (the ledger), the dataset position and the counters are
@@ -20,14 +19,6 @@ after the last checkpoint by a killed process are lost with it (as are the weigh
 published from them: a resumed run numbers its versions above them). Prompts are re-issued
 after a resume under the ids they had, and the in-flight set is rebuilt from the streams, so a
 prompt already outstanding is not published twice.
-
-Admission of a delivered group, in order: a group from another run (its id lacks this run's
-prefix) or one the trainer cannot use (empty prompt, too long, token ids outside the
-vocabulary) is dead-lettered; a repeat of an applied id is acknowledged at the next checkpoint;
-a group more than ``trainer.max_staleness`` versions behind is dropped (``stale_policy="drop"``)
-or kept with truncated importance sampling (``"correct"``); with ``algorithm.dapo_filter``, a
-group whose outcomes are all equal is filtered and the batch waits for another; a group with no
-scored rollout is skipped. Everything not applied is counted.
 """
 
 from __future__ import annotations
@@ -38,37 +29,30 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from services.core.advantages import dapo_keep_mask
 from services.core.config import RunConfig
-from services.core.schemas import PromptMessage, ScoredGroup
+from services.core.schemas import ScoredGroup
 from services.trainer import checkpoint as ckpt
-from services.trainer.batch import problem, trainable
+from services.trainer.admission import Action, RunView, Verdict, admit
+from services.trainer.budget import PromptProducer
 from services.trainer.dataset import Position, PromptOrder, eval_examples, load_examples
+from services.trainer.feeder import Feeder
+from services.trainer.ledger import AppliedLedger, DeferredAcks
 from services.trainer.metrics import JsonlLog, TrainerMetrics
-from services.trainer.model import Policy
-from services.trainer.publisher import WeightPublisher, base_tensor_spec
-from services.transport.base import Bus, Delivery
-from services.transport.budget import PromptProducer
+from services.trainer.model import Learner
+from services.transport import Bus, Delivery
 from services.transport.factory import make_bus
-from services.transport.idempotency import AppliedLedger, DeferredAcks
-from services.transport.names import TRAINER_GROUP
+from services.weights.publish import WeightPublisher, base_tensor_spec
 
 log = logging.getLogger(__name__)
 
-#: One trainer per run: a fixed consumer name lets a restarted trainer take back its own
-#: pending entries at once instead of waiting for them to go idle.
-CONSUMER = "trainer-0"
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 APPLIED_FILE = "applied.jsonl"
-RECONCILE_EVERY_S = 30.0
 WAITING_LOG_EVERY_S = 30.0
 COUNTERS = (
     "groups_applied",
@@ -130,15 +114,23 @@ class Batch:
     dropped_ids: list[str] = field(default_factory=list)
     filtered_ids: list[str] = field(default_factory=list)
 
+    def add(self, d: Delivery[ScoredGroup], verdict: Verdict) -> None:
+        g = d.message
+        if verdict.corrected:
+            self.corrected.add(g.group_id)
+        self.staleness[g.group_id] = verdict.staleness
+        self.groups.append(g)
+        self.deliveries.append(d)
+
 
 class TrainerRun:
     """One process's run: built by :meth:`open`, driven by :meth:`run`."""
 
     def __init__(
-        self, config: RunConfig, policy: Policy, state: RunState, *, resumed_from: Path | None
+        self, config: RunConfig, learner: Learner, state: RunState, *, resumed_from: Path | None
     ) -> None:
         self.config = config
-        self.policy = policy
+        self.learner = learner
         self.state = state
         self.resumed_from = resumed_from
         self.run_dir = Path(config.trainer.run_dir)
@@ -155,12 +147,10 @@ class TrainerRun:
             if config.trainer.eval_every
             else []
         )
-        self.queue: asyncio.Queue[Delivery[ScoredGroup]] = asyncio.Queue()
-        self.unconsumed: set[str] = set()  # ids read into the queue, not yet taken
-        self.fill_lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.bus: Bus | None = None
         self.producer: PromptProducer | None = None
+        self.feeder: Feeder | None = None
         self.publisher: WeightPublisher | None = None
         self.acks: DeferredAcks | None = None
         self.last_checkpoint = state.step
@@ -185,24 +175,24 @@ class TrainerRun:
         if latest is None:
             if resume:
                 log.warning("no checkpoint in %s: starting a fresh run", run_dir)
-            policy = Policy.build(config)
+            learner = Learner.build(config)
             state = RunState(run_id=uuid.uuid4().hex[:8])
-            return cls(config, policy, state, resumed_from=None)
-        policy = Policy.build(config, weights_from=latest / ckpt.MODEL_DIR)
-        state = RunState.from_json(policy.restore(latest))
+            return cls(config, learner, state, resumed_from=None)
+        learner = Learner.build(config, weights_from=latest / ckpt.MODEL_DIR)
+        state = RunState.from_json(learner.restore(latest))
         log.info("resuming from %s (step %d, version %d)", latest, state.step, state.version)
-        return cls(config, policy, state, resumed_from=latest)
+        return cls(config, learner, state, resumed_from=latest)
 
     async def run(self) -> int:
         cfg = self.config
         self.bus = make_bus(cfg.bus)
         self.acks = DeferredAcks(self.bus)
         spec = base_tensor_spec(cfg.model.path)
-        self.publisher = WeightPublisher(cfg, self.bus, spec, self.policy.serve_dtype)
+        self.publisher = WeightPublisher(cfg, self.bus, spec, self.learner.serve_dtype)
         if cfg.trainer.metrics_port:
             self.metrics.serve(cfg.trainer.metrics_port)
         self._install_signal_handlers()
-        feeder: asyncio.Task[None] | None = None
+        feeding: asyncio.Task[None] | None = None
         try:
             # Acks wait for the next checkpoint: a restart finds up to a checkpoint's worth of
             # groups read but unacknowledged, all in flight again.
@@ -212,18 +202,21 @@ class TrainerRun:
                 cfg.trainer.in_flight,
                 deferred=cfg.trainer.checkpoint_every * cfg.trainer.prompts_per_step,
             )
+            self.feeder = Feeder(
+                cfg, self.bus, self.producer, self.order, self.state.run_id, self._version
+            )
             await self._start()
-            feeder = asyncio.create_task(self._feed(), name="trainer-feeder")
+            feeding = asyncio.create_task(self.feeder.run(), name="trainer-feeder")
             while self.state.step < cfg.trainer.steps and not self.stopping.is_set():
                 await self._one_step()
             if self.state.step > self.last_checkpoint:
                 await self._checkpoint()
             self._write_status("finished" if self.state.step >= cfg.trainer.steps else "stopped")
         finally:
-            if feeder is not None:
-                feeder.cancel()
+            if feeding is not None:
+                feeding.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await feeder
+                    await feeding
             self.publisher.close()
             await self.bus.close()
         return 0
@@ -272,9 +265,9 @@ class TrainerRun:
         wait_s = time.perf_counter() - t0
 
         # 2. Train on it (in a thread, so the feeder keeps the prompt stream full).
-        lr = self.policy.set_step(self.state.step)
+        lr = self.learner.set_step(self.state.step)
         result = await asyncio.to_thread(
-            self.policy.train, batch.groups, batch.staleness, frozenset(batch.corrected)
+            self.learner.train, batch.groups, batch.staleness, frozenset(batch.corrected)
         )
         self._applied(batch)
 
@@ -289,7 +282,7 @@ class TrainerRun:
         eval_s = 0.0
         if cfg.eval_every and self.eval_set and self.state.step % cfg.eval_every == 0:
             t = time.perf_counter()
-            ev = await asyncio.to_thread(self.policy.evaluate, self.eval_set)
+            ev = await asyncio.to_thread(self.learner.evaluate, self.eval_set)
             eval_s = time.perf_counter() - t
             record["eval_accuracy"] = ev.accuracy
 
@@ -327,7 +320,6 @@ class TrainerRun:
         self._write_status("running")
 
     def _step_record(self, m: dict[str, float | None], timings: dict[str, float]) -> dict[str, Any]:
-        c = self.state.counters
         assert self.producer is not None
         return {
             "step": self.state.step,
@@ -335,13 +327,7 @@ class TrainerRun:
             "time": time.time(),
             **m,
             **timings,
-            "groups_applied": c["groups_applied"],
-            "stale_dropped": c["stale_dropped"],
-            "stale_corrected": c["stale_corrected"],
-            "dapo_filtered": c["dapo_filtered"],
-            "duplicates": c["duplicates"],
-            "dead_lettered": c["dead_lettered"],
-            "unscored": c["unscored"],
+            **self.state.counters,
             "in_flight": self.producer.budget.in_flight,
         }
 
@@ -367,10 +353,11 @@ class TrainerRun:
 
     async def _collect(self, want: int) -> Batch | None:
         """Admit groups from the queue until ``want`` are ready; None when asked to stop."""
+        assert self.feeder is not None
         batch = Batch()
         last_note = time.monotonic()
         while len(batch.groups) < want:
-            get = asyncio.ensure_future(self.queue.get())
+            get = asyncio.ensure_future(self.feeder.queue.get())
             stop = asyncio.ensure_future(self.stopping.wait())
             done, _ = await asyncio.wait(
                 {get, stop}, timeout=WAITING_LOG_EVERY_S, return_when=asyncio.FIRST_COMPLETED
@@ -394,136 +381,32 @@ class TrainerRun:
                     last_note = time.monotonic()
                 continue
             delivery = get.result()
-            self._taken(delivery)
+            self.feeder.taken(delivery)
             await self._admit(delivery, batch)
         return batch
 
-    def _taken(self, d: Delivery[ScoredGroup]) -> None:
-        """The loop has the group: its prompt's in-flight slot is free."""
-        assert self.producer is not None
-        self.unconsumed.discard(d.message_id)
-        self.producer.returned([d])
-
     async def _admit(self, d: Delivery[ScoredGroup], batch: Batch) -> None:
+        """Apply :func:`admit`'s verdict: into the batch, to the dead letters, or skipped."""
         assert self.bus is not None and self.acks is not None
-        g = d.message
-        cfg, c = self.config, self.state.counters
-        if not g.group_id.startswith(f"{self.state.run_id}:"):
-            c["dead_lettered"] += 1
-            await self.bus.dead_letter(
-                d, f"group {g.group_id} was not issued by run {self.state.run_id}"
-            )
-            return
-        reason = problem(g, max_len=cfg.model.max_model_len, vocab_size=self.policy.vocab_size)
-        if reason is not None:
-            c["dead_lettered"] += 1
-            await self.bus.dead_letter(d, f"trainer cannot use group {g.group_id}: {reason}")
-            return
-        if g.group_id in self.state.ledger or g.group_id in batch.staleness:
-            c["duplicates"] += 1
-            self.acks.add([d])  # at the next checkpoint, like everything not applied
-            return
-        staleness = max(self.state.version - g.policy_version, 0)
-        too_stale = staleness > cfg.trainer.max_staleness
-        if too_stale and cfg.trainer.stale_policy == "drop":
-            c["stale_dropped"] += 1
-            batch.dropped_ids.append(g.group_id)
-            self.metrics.stale_groups.labels(action="dropped").inc()
-            self.acks.add([d])
-            return
-        if cfg.algorithm.dapo_filter and not self._dapo_keeps(g):
-            c["dapo_filtered"] += 1
-            batch.filtered_ids.append(g.group_id)
-            self.acks.add([d])
-            return
-        if not trainable(g):
-            c["unscored"] += 1
-            self.acks.add([d])
-            return
-        if too_stale:
-            batch.corrected.add(g.group_id)
-        batch.staleness[g.group_id] = staleness
-        batch.groups.append(g)
-        batch.deliveries.append(d)
+        seen = _Either(self.state.ledger, batch.staleness)
+        run = RunView(self.state.run_id, self.state.version, self.learner.vocab_size, seen)
+        verdict = admit(d.message, run, self.config)
+        if verdict.counter is not None:
+            self.state.counters[verdict.counter] += 1
+        if verdict.action is Action.APPLY:
+            batch.add(d, verdict)
+        elif verdict.action is Action.DEAD_LETTER:
+            await self.bus.dead_letter(d, verdict.reason)
+        else:
+            self.acks.add([d])  # at the next checkpoint, like everything applied
+            if verdict.counter == "stale_dropped":
+                batch.dropped_ids.append(d.message.group_id)
+                self.metrics.stale_groups.labels(action="dropped").inc()
+            elif verdict.counter == "dapo_filtered":
+                batch.filtered_ids.append(d.message.group_id)
 
-    def _dapo_keeps(self, g: ScoredGroup) -> bool:
-        rewards = torch.tensor([[r.reward for r in g.rollouts if r.status == "scored"]])
-        if rewards.numel() == 0:
-            return False
-        keep = dapo_keep_mask(
-            rewards,
-            max_reward=self.config.task.max_reward,
-            success_threshold=self.config.task.success_threshold,
-        )
-        return bool(keep[0])
-
-    # ------------------------------------------------------------------ feeding
-
-    def _prompts(self) -> Iterator[PromptMessage]:
-        r = self.config.rollout
-        for pos, ex in self.order:
-            yield PromptMessage(
-                prompt_id=f"{self.state.run_id}:{pos.epoch}:{pos.index}",
-                prompt=ex.prompt,
-                answer=ex.answer,
-                task=ex.task,
-                group_size=r.group_size,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                max_tokens=r.max_tokens,
-                issued_version=self.state.version,
-                created_at=time.time(),
-            )
-
-    async def _fill(self, prompts: Iterator[PromptMessage]) -> None:
-        """Publish prompts up to the in-flight budget; the dataset position moves only with
-        what was published (under the lock a checkpoint takes its snapshot with)."""
-        assert self.producer is not None
-        async with self.fill_lock:
-            room = self.producer.budget.room()
-            if not room:
-                return
-            before = self.order.position
-            batch = [next(prompts) for _ in range(room)]
-            try:
-                await self.producer.publish(batch)
-            except BaseException:
-                self.order.position = before
-                raise
-
-    async def _feed(self) -> None:
-        """Keep the prompt stream full and move scored groups into the queue, forever."""
-        assert self.bus is not None and self.producer is not None
-        cfg = self.config
-        prompts = self._prompts()
-        last_reconcile = time.monotonic()
-        delay = 0.5
-        while True:
-            try:
-                await self._fill(prompts)
-                deliveries = await self.bus.read(
-                    cfg.bus.rollouts_stream,
-                    TRAINER_GROUP,
-                    CONSUMER,
-                    max(cfg.trainer.prompts_per_step, 16),
-                    expect=ScoredGroup,
-                )
-                for d in deliveries:
-                    self.unconsumed.add(d.message_id)
-                    self.queue.put_nowait(d)
-                if time.monotonic() - last_reconcile >= RECONCILE_EVERY_S:
-                    # The streams cannot see the queue: its groups are still in flight.
-                    freed = await self.producer.reconcile(held=self.unconsumed)
-                    if freed:
-                        log.info("freed %d in-flight slots of prompts given up on", freed)
-                    last_reconcile = time.monotonic()
-                delay = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("bus error while feeding: %s; retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+    def _version(self) -> int:
+        return self.state.version
 
     # ------------------------------------------------------------------ durable effects
 
@@ -533,7 +416,7 @@ class TrainerRun:
         start = time.perf_counter()
         version, step = self.state.version, self.state.step
         location, sha = await asyncio.to_thread(
-            self.publisher.write, self.policy.model, version, step
+            self.publisher.write, self.learner.model, version, step
         )
         await self.publisher.announce(version, location, sha, step)
         seconds = time.perf_counter() - start
@@ -544,11 +427,11 @@ class TrainerRun:
     async def _checkpoint(self) -> None:
         """Save everything, then acknowledge the groups the checkpoint covers."""
         assert self.acks is not None
-        async with self.fill_lock:
+        if self.feeder is not None:
             # A consistent snapshot: no prompt is half-issued while the position is copied.
-            self.state.position = self.order.position
-            snapshot = self.state.to_json()
-        await asyncio.to_thread(self.policy.save, self.run_dir, self.state.step, snapshot)
+            self.state.position = await self.feeder.position()
+        snapshot = self.state.to_json()
+        await asyncio.to_thread(self.learner.save, self.run_dir, self.state.step, snapshot)
         self.last_checkpoint = self.state.step
         await self.acks.commit()
 
@@ -577,6 +460,17 @@ class TrainerRun:
                 "updated_at": time.time(),
             },
         )
+
+
+@dataclass(frozen=True)
+class _Either:
+    """Membership in either of two collections, without copying them."""
+
+    first: Container[str]
+    second: Container[str]
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.first or item in self.second
 
 
 async def run(config: RunConfig, *, resume: bool) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from services.transport.base import StreamStats
+from services.transport import StreamStats
 
 PREFIX = "mapo_trainer_"
 UNIT_BUCKETS = tuple(i / 10 for i in range(11))

@@ -27,7 +27,7 @@ from services.core.tasks import Example
 from services.trainer import checkpoint as ckpt
 from services.trainer.batch import collate
 from services.trainer.evaluation import EvalResult, evaluate
-from services.trainer.step import StepResult, StepSettings, train_step
+from services.trainer.step import StepResult, train_step
 from services.trainer.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,15 @@ def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype) -
 
 
 @dataclass
-class Policy:
-    """Everything that holds tensors; every method blocks (the loop calls them in a thread)."""
+class Learner:
+    """The policy being trained and everything else that holds tensors; every method blocks (the loop calls them in a thread)."""
 
     config: RunConfig
     model: nn.Module
     ref_model: nn.Module | None
     optimizer: torch.optim.Optimizer
     tokenizer: Any
-    settings: StepSettings
+    amp_dtype: torch.dtype | None
     device: torch.device
     serve_dtype: torch.dtype
     generator: torch.Generator
@@ -79,7 +79,7 @@ class Policy:
     vocab_size: int
 
     @classmethod
-    def build(cls, config: RunConfig, weights_from: str | Path | None = None) -> Policy:
+    def build(cls, config: RunConfig, weights_from: str | Path | None = None) -> Learner:
         """The policy from ``weights_from`` (a checkpoint's model dir) or ``model.path``."""
         from transformers import AutoTokenizer
 
@@ -111,7 +111,7 @@ class Policy:
             ref_model=ref,
             optimizer=optimizer,
             tokenizer=tokenizer,
-            settings=StepSettings.from_config(config, amp_dtype),
+            amp_dtype=amp_dtype,
             device=device,
             serve_dtype=serve_dtype,
             generator=generator,
@@ -159,7 +159,8 @@ class Policy:
             self.model,
             self.optimizer,
             batch,
-            self.settings,
+            self.config,
+            amp_dtype=self.amp_dtype,
             ref_model=self.ref_model,
             generator=self.generator,
             timer=timer,

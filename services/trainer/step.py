@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from services.core.advantages import AdvantageResult, compute_advantages_ragged
-from services.core.loss import policy_loss
+from services.core.loss import LossInputs, LossStats, policy_loss
 from services.trainer.batch import TrainBatch
 from services.trainer.logprobs import (
     TokenScores,
@@ -51,54 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StepSettings:
-    """The parts of a run config one step needs (defaults: the paper's)."""
-
-    estimator: str = "mapo"
-    eps: float = 1e-6
-    std: str = "population"
-    max_reward: float = 1.0
-    success_threshold: float | None = None
-    advantage_clip: float | None = None
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    dual_clip: float | None = 3.0
-    loss_agg: str = "token_mean"
-    kl_coef: float = 1e-2
-    kl_type: str = "low_var_kl"
-    tis_cap: float | None = 2.0
-    ppo_epochs: int = 1
-    grad_clip: float = 1.0
-    micro_batch: int = 64
-    temperature: float = 1.0
-    amp_dtype: torch.dtype | None = None
-
-    @classmethod
-    def from_config(cls, config: RunConfig, amp_dtype: torch.dtype | None = None) -> StepSettings:
-        a = config.algorithm
-        return cls(
-            estimator=a.estimator,
-            eps=a.eps,
-            std=a.std,
-            max_reward=config.task.max_reward,
-            success_threshold=config.task.success_threshold,
-            advantage_clip=a.advantage_clip,
-            clip_low=a.clip_low,
-            clip_high=a.clip_high,
-            dual_clip=a.dual_clip,
-            loss_agg=a.loss_agg,
-            kl_coef=a.kl_coef,
-            kl_type=a.kl_type,
-            tis_cap=a.tis_cap,
-            ppo_epochs=a.ppo_epochs,
-            grad_clip=config.optim.grad_clip,
-            micro_batch=config.optim.micro_batch,
-            temperature=config.rollout.temperature,
-            amp_dtype=amp_dtype,
-        )
-
-
 @dataclass
 class StepResult:
     """Scalar diagnostics plus the per-group values that feed histograms."""
@@ -113,24 +64,27 @@ def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: TrainBatch,
-    s: StepSettings,
+    config: RunConfig,
     *,
+    amp_dtype: torch.dtype | None = None,
     ref_model: nn.Module | None = None,
     generator: torch.Generator | None = None,
     timer: PhaseTimer | None = None,
     fused: bool | None = None,
 ) -> StepResult:
-    """Apply one batch to ``model``: ``s.ppo_epochs`` clipped AdamW steps; return diagnostics.
+    """Apply one batch to ``model``: ``algorithm.ppo_epochs`` clipped AdamW steps.
 
-    ``fused`` (default: ``s.ppo_epochs == 1``) takes the old log-probs from the update's own
-    forward pass; False forces the separate old-policy pass (tests and benchmarks compare them).
+    ``amp_dtype`` is the autocast dtype of the forward passes (None: the parameters' own).
+    ``fused`` (default: one PPO epoch) takes the old log-probs from the update's own forward
+    pass; False forces the separate old-policy pass (tests and benchmarks compare them).
     """
+    algo = config.algorithm
     ids, attn = batch.input_ids, batch.attention_mask
     timer = timer if timer is not None else PhaseTimer(ids.device)
     # One epoch: the old log-probs come from the update's own forward pass (module docstring).
     if fused is None:
-        fused = s.ppo_epochs == 1
-    if fused and s.ppo_epochs != 1:
+        fused = algo.ppo_epochs == 1
+    if fused and algo.ppo_epochs != 1:
         raise ValueError(
             "the fused forward pass needs ppo_epochs == 1: later epochs need fixed old log-probs"
         )
@@ -140,11 +94,11 @@ def train_step(
             m,
             ids,
             attn,
-            micro_batch=s.micro_batch,
-            temperature=s.temperature,
+            micro_batch=config.optim.micro_batch,
+            temperature=config.rollout.temperature,
             with_entropy=extras,
             with_raw=extras,
-            amp_dtype=s.amp_dtype,
+            amp_dtype=amp_dtype,
         )
 
     # 1. The policy before the update is PPO's "old" policy; also the token entropy and the
@@ -157,7 +111,7 @@ def train_step(
 
     # 2. The frozen reference policy, for the KL loss.
     ref = None
-    if s.kl_coef > 0.0:
+    if algo.kl_coef > 0.0:
         if ref_model is None:
             raise ValueError("kl_coef > 0 needs a reference model")
         with timer.phase("ref"):
@@ -167,12 +121,12 @@ def train_step(
     adv = compute_advantages_ragged(
         batch.rewards,
         batch.group_index,
-        s.estimator,
-        eps=s.eps,
-        std=s.std,
-        max_reward=s.max_reward,
-        success_threshold=s.success_threshold,
-        advantage_clip=s.advantage_clip,
+        algo.estimator,
+        eps=algo.eps,
+        std=algo.std,
+        max_reward=config.task.max_reward,
+        success_threshold=config.task.success_threshold,
+        advantage_clip=algo.advantage_clip,
         generator=generator,
     )
     advantages = adv.advantages.to(torch.float32)
@@ -180,18 +134,18 @@ def train_step(
     # 4. Stale groups kept under stale_policy="correct" get w = min(pi_old / mu, tis_cap) per
     #    token, mu being the policy that generated them; every other row weighs exactly 1
     #    (built per micro-batch from the old log-probs: see _behaviour).
-    tis = s.tis_cap is not None and bool(batch.correct.any())
+    tis = algo.tis_cap is not None and bool(batch.correct.any())
 
     # 5. PPO epochs: micro-batched forward/backward, grad-norm clip, one AdamW step each.
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_stats: dict[str, float] = {}
+    loss_stats: LossStats | None = None
     grad_norms: list[float] = []
-    for _ in range(s.ppo_epochs):
-        epoch = _backward(model, batch, advantages, ref, s, timer, old=old, tis=tis)
+    for _ in range(algo.ppo_epochs):
+        epoch = _backward(model, batch, advantages, ref, config, amp_dtype, timer, old=old, tis=tis)
         if old is None:  # fused: that forward pass was the old policy's
             old = epoch.scores
         with timer.phase("optimizer"):
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip))
             if math.isfinite(grad_norm):
                 optimizer.step()
             else:
@@ -199,12 +153,12 @@ def train_step(
             optimizer.zero_grad(set_to_none=True)
         grad_norms.append(grad_norm)
         loss_stats = loss_stats or epoch.stats  # report the first (on-policy) epoch
-    assert old is not None
+    assert old is not None and loss_stats is not None
 
     # 6. Diagnostics.
     old_raw = old.raw_logprobs if old.raw_logprobs is not None else old.logprobs
     metrics = _diagnostics(batch, adv, old.entropy, old_raw)
-    metrics.update(loss_stats)
+    metrics.update(loss_stats.as_dict())
     metrics["grad_norm"] = grad_norms[0] if math.isfinite(grad_norms[0]) else None
     metrics["nonfinite_grad_steps"] = float(sum(not math.isfinite(g) for g in grad_norms))
     staleness = torch.zeros(len(batch.group_ids), dtype=torch.long)
@@ -240,8 +194,8 @@ def _behaviour(
 
 @dataclass
 class _Epoch:
-    stats: dict[str, float]
-    """Token-weighted loss statistics of the epoch."""
+    stats: LossStats
+    """The whole batch's loss statistics (micro-batches combined)."""
     scores: TokenScores | None
     """Fused path only: the detached log-probs, entropy and raw log-probs of its forward."""
 
@@ -251,30 +205,30 @@ def _backward(
     batch: TrainBatch,
     advantages: Tensor,
     ref: Tensor | None,
-    s: StepSettings,
+    config: RunConfig,
+    amp_dtype: torch.dtype | None,
     timer: PhaseTimer,
     *,
     old: TokenScores | None,
     tis: bool,
 ) -> _Epoch:
-    """Accumulate the whole batch's loss gradient; return token-weighted loss statistics.
+    """Accumulate the whole batch's loss gradient; return its loss statistics.
 
     ``old`` is the old policy's scores, or None for the fused path: each micro-batch's old
     log-probs are then the detached log-probs of its own forward pass, which also yields the
     entropy and raw log-probs (collected, batch-shaped, into the returned scores).
     """
     fused = old is None
+    temperature = config.rollout.temperature
     lengths = batch.attention_mask.sum(-1)
     shape = (batch.size, batch.input_ids.shape[1] - 1)
     zeros = torch.zeros(shape, dtype=torch.float32, device=batch.input_ids.device)
-    raw_needed = effective_temperature(s.temperature) != 1.0
+    raw_needed = effective_temperature(temperature) != 1.0
     collected = (
         TokenScores(zeros, zeros.clone(), zeros.clone() if raw_needed else None) if fused else None
     )
-    sums: dict[str, float] = defaultdict(float)
-    ratio_min, ratio_max = math.inf, -math.inf
-    tokens = 0.0
-    for rows in row_slices(batch.size, s.micro_batch):
+    parts: list[tuple[LossStats, float]] = []
+    for rows in row_slices(batch.size, config.optim.micro_batch):
         n = max(int(lengths[rows].max()), 2)
         cols = slice(0, n - 1)
         m = batch.response_mask[rows, cols]
@@ -283,10 +237,10 @@ def _backward(
                 model,
                 batch.input_ids[rows, :n],
                 batch.attention_mask[rows, :n],
-                temperature=s.temperature,
+                temperature=temperature,
                 with_entropy=fused,
                 with_raw=fused,
-                amp_dtype=s.amp_dtype,
+                amp_dtype=amp_dtype,
             )
             lp = scored.logprobs
             if collected is not None:
@@ -305,50 +259,20 @@ def _backward(
                 if tis
                 else None
             )
-            out = policy_loss(
-                lp,
-                old_lp,
-                advantages[rows],
-                m,
-                clip_low=s.clip_low,
-                clip_high=s.clip_high,
-                dual_clip=s.dual_clip,
-                agg=s.loss_agg,
+            inputs = LossInputs(
+                logprobs=lp,
+                old_logprobs=old_lp,
+                advantages=advantages[rows],
+                mask=m,
                 ref_logprobs=None if ref is None else ref[rows, cols],
-                kl_coef=s.kl_coef,
-                kl_type=s.kl_type,
                 behaviour_logprobs=behaviour,
-                tis_cap=s.tis_cap if behaviour is not None else None,
             )
-            weight = _micro_weight(m, batch.response_mask, s.loss_agg)
+            loss, stats = policy_loss(inputs, config.algorithm)
+            weight = _micro_weight(m, batch.response_mask, config.algorithm.loss_agg)
         with timer.phase("backward"):
-            (out.loss * weight).backward()  # type: ignore[no-untyped-call]
-        n_tok = float(m.sum())
-        tokens += n_tok
-        sums["loss"] += float(out.loss.detach()) * weight
-        sums["pg_loss"] += out.metrics["pg_loss"] * weight
-        sums["kl_loss"] += out.metrics["kl_loss"] * weight
-        for key in (
-            "clip_frac_low",
-            "clip_frac_high",
-            "dual_clip_frac",
-            "clip_frac",
-            "kl",
-            "ratio_mean",
-            "tis_weight_mean",
-            "tis_clip_frac",
-        ):
-            sums[key] += out.metrics[key] * n_tok
-        if n_tok:
-            ratio_min = min(ratio_min, out.metrics["ratio_min"])
-            ratio_max = max(ratio_max, out.metrics["ratio_max"])
-    stats = dict(sums)
-    for key in stats:
-        if key not in ("loss", "pg_loss", "kl_loss"):
-            stats[key] = stats[key] / max(tokens, 1.0)
-    stats["ratio_min"] = ratio_min if tokens else 1.0
-    stats["ratio_max"] = ratio_max if tokens else 1.0
-    return _Epoch(stats, collected)
+            (loss * weight).backward()  # type: ignore[no-untyped-call]
+        parts.append((stats, weight))
+    return _Epoch(LossStats.combine(parts), collected)
 
 
 def _put(

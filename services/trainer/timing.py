@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-#: The phases of :meth:`services.trainer.model.Policy.train`, in order; each is reported as
+#: The phases of :meth:`services.trainer.model.Learner.train`, in order; each is reported as
 #: ``{phase}_s`` (0.0 when it did not run in that step).
 STEP_PHASES = ("collate", "old", "ref", "forward", "backward", "optimizer")
 

@@ -3,46 +3,32 @@
 See docs/bus.md for streams, groups, payloads and the delivery guarantees.
 """
 
-from services.transport.base import (
-    Bus,
-    BusError,
-    BusUnavailable,
-    DeadLetter,
-    Delivery,
-    GroupStats,
-    StreamFollower,
-    StreamStats,
-    message_id,
-)
-from services.transport.budget import InFlightBudget, PromptProducer
+from services.transport.bus import Bus
+from services.transport.entries import DeadLetter, Delivery, message_id
 from services.transport.factory import bus_settings, make_bus
-from services.transport.idempotency import AppliedLedger, DeferredAcks, make_prompt_id
-from services.transport.memory_bus import MemoryBus, MemoryStore
+from services.transport.memory_streams import MemoryStore, MemoryStreams
 from services.transport.names import INFERENCE_GROUP, TRAINER_GROUP
-from services.transport.redis_bus import RedisBus, connection_kwargs, redact_url
+from services.transport.reader import StreamFollower
+from services.transport.redis_streams import RedisStreams, connection_kwargs, redact_url
+from services.transport.streams import BusError, BusUnavailable, ConsumerGroupStats, StreamStats
 
 __all__ = [
     "INFERENCE_GROUP",
     "TRAINER_GROUP",
-    "AppliedLedger",
     "Bus",
     "BusError",
     "BusUnavailable",
+    "ConsumerGroupStats",
     "DeadLetter",
-    "DeferredAcks",
     "Delivery",
-    "GroupStats",
-    "InFlightBudget",
-    "MemoryBus",
     "MemoryStore",
-    "PromptProducer",
-    "RedisBus",
+    "MemoryStreams",
+    "RedisStreams",
     "StreamFollower",
     "StreamStats",
     "bus_settings",
     "connection_kwargs",
     "make_bus",
-    "make_prompt_id",
     "message_id",
     "redact_url",
 ]

@@ -6,21 +6,20 @@ Layout of a store directory::
     v00000007/manifest.json       version, step, file sha256 and size, every tensor's name/shape/dtype
     LATEST                        the newest complete version number
 
-A version appears only whole: it is written into a temporary directory, fsynced, then renamed;
-``LATEST`` is replaced the same way. Readers verify the manifest (its sha256 is what the trainer
-announces on the bus), the file's sha256, and that the safetensors header matches the manifest,
-before a single tensor is used. Nothing here unpickles anything.
+A version appears only whole (:class:`~services.weights.versions.VersionedDirs`). Readers verify
+the manifest (its sha256 is what the trainer announces on the bus), the file's sha256, and that
+the safetensors header matches the manifest, before a single tensor is used. Nothing here
+unpickles anything. :class:`WeightServer` serves a store read-only over HTTP; replicas download
+from it with :func:`services.weights.fetch.fetch_version`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -29,22 +28,48 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.transport.files import atomic_write_bytes, fsync_path, sha256_file
+from services.weights.versions import VersionedDirs, atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     import torch
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "LATEST"
 MANIFEST_FORMAT = 1
-_VERSION_DIR = re.compile(r"^v(\d{8})$")
-_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
-_CHUNK = 1 << 20
+CHUNK = 1 << 20
+# safetensors' dtype names, as the manifest spells them.
+SAFETENSORS_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_DTYPES = set(SAFETENSORS_DTYPES.values())
 
 
 class WeightStoreError(ValueError):
     """A version that is missing, partial, corrupt or inconsistent; the message says which."""
+
+
+class WeightsCorrupt(WeightStoreError):
+    """A manifest or weights file whose sha256 differs from the one it should have."""
+
+
+class VersionMissing(WeightStoreError):
+    """The version asked for is not in the store."""
+
+
+class VersionMismatch(WeightStoreError):
+    """A version directory that holds another version than the one asked for."""
+
+
+class WeightsIncompatible(WeightStoreError):
+    """A version whose tensor names or shapes differ from the model being served."""
 
 
 @dataclass(frozen=True)
@@ -110,32 +135,23 @@ class Manifest:
         return manifest
 
 
+def versions_in(store: str | Path) -> VersionedDirs:
+    """The version directories of a store (or of a replica's download cache)."""
+    return VersionedDirs(store, "v", MANIFEST_FILE)
+
+
 def version_dir(store: str | Path, version: int) -> Path:
-    return Path(store) / f"v{version:08d}"
+    return versions_in(store).path(version)
 
 
 def list_versions(store: str | Path) -> list[int]:
     """Complete versions in the store, oldest first (temporary directories are ignored)."""
-    root = Path(store)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _VERSION_DIR.match(child.name)
-        if m and (child / MANIFEST_FILE).is_file():
-            found.append(int(m.group(1)))
-    return sorted(found)
+    return versions_in(store).list()
 
 
 def latest_version(store: str | Path) -> int | None:
     """The newest complete version, from ``LATEST`` (falling back to a directory scan)."""
-    pointer = Path(store) / LATEST_FILE
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        version = int(pointer.read_text().strip())
-        if (version_dir(store, version) / MANIFEST_FILE).is_file():
-            return version
-    versions = list_versions(store)
-    return versions[-1] if versions else None
+    return versions_in(store).latest()
 
 
 def write_version(
@@ -146,18 +162,16 @@ def write_version(
     step: int = 0,
     keep: int = 3,
 ) -> tuple[Path, str]:
-    """Write one version atomically; return its directory and the sha256 of its manifest."""
+    """Write one version atomically, keep the newest ``keep``; return its directory and the
+    sha256 of its manifest."""
     from safetensors.torch import save_file
 
     if version < 0:
         raise WeightStoreError(f"version must be >= 0, got {version}")
-    root = Path(store)
-    root.mkdir(parents=True, exist_ok=True)
-    final = version_dir(root, version)
-    if final.exists():
-        raise WeightStoreError(f"version {version} already exists in {root}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version:08d}-", dir=root))
-    try:
+    versions = versions_in(store)
+    if versions.path(version).exists():
+        raise WeightStoreError(f"version {version} already exists in {versions.root}")
+    with versions.writing(version) as tmp:
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         weights = tmp / WEIGHTS_FILE
         save_file(contiguous, str(weights), metadata={"format": "pt", "version": str(version)})
@@ -176,34 +190,13 @@ def write_version(
         )
         raw = manifest.to_json()
         atomic_write_bytes(tmp / MANIFEST_FILE, raw)
-        os.rename(tmp, final)
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_bytes(root / LATEST_FILE, f"{version}\n".encode())
-    prune(root, keep)
-    return final, hashlib.sha256(raw).hexdigest()
+    versions.prune(keep)
+    return versions.path(version), hashlib.sha256(raw).hexdigest()
 
 
 def prune(store: str | Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` versions (readers verify, so a removed one is refused).
-
-    A version is renamed out of sight before it is deleted: a writer killed halfway through a
-    deletion leaves a hidden directory (removed by the next prune), never a visible version
-    with files missing.
-    """
-    root = Path(store)
-    for version in list_versions(root)[:-keep] if keep > 0 else []:
-        d = version_dir(root, version)
-        trash = root / f".trash-{d.name}-{os.getpid()}"
-        try:
-            os.rename(d, trash)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
-    for leftover in root.glob(".trash-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Remove all but the newest ``keep`` versions (readers verify, so a removed one is refused)."""
+    versions_in(store).prune(keep)
 
 
 def read_manifest(directory: str | Path, expected_sha256: str | None = None) -> Manifest:
@@ -213,7 +206,7 @@ def read_manifest(directory: str | Path, expected_sha256: str | None = None) -> 
     except FileNotFoundError:
         raise WeightStoreError(f"no manifest at {path}: version missing or partial") from None
     if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
-        raise WeightStoreError(f"manifest {path} does not match the announced sha256")
+        raise WeightsCorrupt(f"manifest {path} does not match the announced sha256")
     return Manifest.from_json(raw)
 
 
@@ -232,19 +225,6 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-_ST_DTYPES = {
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F64": "float64",
-    "I64": "int64",
-    "I32": "int32",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-
-
 def verify_version(directory: str | Path, expected_sha256: str | None = None) -> Manifest:
     """Check manifest, file size and sha256, and that the file holds exactly the manifest's tensors.
 
@@ -257,9 +237,8 @@ def verify_version(directory: str | Path, expected_sha256: str | None = None) ->
 
 
 def _verify_version(directory: Path, expected_sha256: str | None) -> Manifest:
-    d = Path(directory)
-    manifest = read_manifest(d, expected_sha256)
-    weights = d / WEIGHTS_FILE
+    manifest = read_manifest(directory, expected_sha256)
+    weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise WeightStoreError(f"{weights} is missing")
     if weights.stat().st_size != manifest.file_bytes:
@@ -267,11 +246,11 @@ def _verify_version(directory: Path, expected_sha256: str | None) -> Manifest:
             f"{weights} has {weights.stat().st_size} bytes, manifest says {manifest.file_bytes}"
         )
     if sha256_file(weights) != manifest.file_sha256:
-        raise WeightStoreError(f"{weights} does not match its manifest sha256 (corrupt)")
+        raise WeightsCorrupt(f"{weights} does not match its manifest sha256 (corrupt)")
     header = _safetensors_header(weights)
     header.pop("__metadata__", None)
     in_file = {
-        name: TensorEntry(name, tuple(v["shape"]), _ST_DTYPES.get(v["dtype"], v["dtype"]))
+        name: TensorEntry(name, tuple(v["shape"]), SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"]))
         for name, v in header.items()
     }
     if in_file != {t.name: t for t in manifest.tensors}:
@@ -289,7 +268,7 @@ def check_compatible(
     extra = sorted(set(got) - set(want))
     wrong = sorted(n for n in set(got) & set(want) if tuple(got[n]) != tuple(want[n]))
     if missing or extra or wrong:
-        raise WeightStoreError(
+        raise WeightsIncompatible(
             f"version {manifest.version} does not fit the served model: "
             f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shape {wrong[:5]}"
         )
@@ -308,48 +287,9 @@ def load_tensors(
 # ----------------------------------------------------------------------------- HTTP
 
 
-def fetch_version(
-    base_url: str,
-    version: int,
-    cache_dir: str | Path,
-    expected_sha256: str | None = None,
-    timeout_s: float = 60.0,
-) -> Path:
-    """Download a version from a trainer's weight server into ``cache_dir`` and verify it."""
-    import httpx
-
-    cache = Path(cache_dir)
-    final = version_dir(cache, version)
-    if final.is_dir():
-        with contextlib.suppress(WeightStoreError):
-            verify_version(final, expected_sha256)
-            return final
-        shutil.rmtree(final, ignore_errors=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".fetch-v{version:08d}-", dir=cache))
-    base = base_url.rstrip("/")
-    try:
-        with httpx.Client(timeout=timeout_s) as client:
-            for name in (MANIFEST_FILE, WEIGHTS_FILE):
-                url = f"{base}/versions/{version}/{name}"
-                with client.stream("GET", url) as resp:
-                    if resp.status_code != 200:
-                        raise WeightStoreError(f"GET {url} answered {resp.status_code}")
-                    with (tmp / name).open("wb") as fh:
-                        for chunk in resp.iter_bytes(_CHUNK):
-                            fh.write(chunk)
-        verify_version(tmp, expected_sha256)
-        os.rename(tmp, final)
-    except httpx.HTTPError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise WeightStoreError(f"cannot fetch version {version} from {base}: {exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 class _StoreHandler(BaseHTTPRequestHandler):
+    """``GET /versions/latest`` and ``GET /versions/{n}/{manifest.json,model.safetensors}``."""
+
     store: Path
 
     def log_message(self, format: str, *args: Any) -> None:  # silence access logs
@@ -395,7 +335,7 @@ class _StoreHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(size))
             self.end_headers()
-            shutil.copyfileobj(fh, self.wfile, _CHUNK)
+            shutil.copyfileobj(fh, self.wfile, CHUNK)
 
 
 class WeightServer:

@@ -3,7 +3,7 @@
 A version is loaded in four steps: locate it (a store directory, one version's directory, or a
 trainer's HTTP weight server), verify it (manifest sha256 as announced, file sha256, safetensors
 header = manifest), check that its tensor names and shapes are exactly those of the served
-model's checkpoint, then reload it in place. Anything that fails before the last step leaves
+model's checkpoint (these three in :mod:`services.weights.fetch`), then reload it in place. Anything that fails before the last step leaves
 the engine untouched and the old version serving; the reason is counted in
 ``mapo_inference_reload_failures_total``.
 
@@ -21,32 +21,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from services.transport.weight_store import (
-    MANIFEST_FILE,
+from services.weights.base_model import TensorSpec, safetensors_files, tensor_spec
+from services.weights.fetch import check_version, is_url, locate_version, remote_latest_version
+from services.weights.store import (
     WEIGHTS_FILE,
     Manifest,
+    VersionMismatch,
+    VersionMissing,
+    WeightsCorrupt,
+    WeightsIncompatible,
     WeightStoreError,
-    check_compatible,
-    fetch_version,
     latest_version,
     list_versions,
-    verify_version,
-    version_dir,
 )
 
 log = logging.getLogger(__name__)
-
-TensorSpec = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 class Reloader(Protocol):
@@ -133,44 +131,19 @@ class VersionGate:
                 self._open.set()
 
 
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (one file, or the shards of an index)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / s for s in shards]
-    single = model_dir / WEIGHTS_FILE
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"no safetensors checkpoint in {model_dir}")
+# Why a version was refused (the metric label), by the type of the failure.
+_REASONS: tuple[tuple[type[WeightStoreError], str], ...] = (
+    (WeightsCorrupt, "corrupt"),
+    (VersionMissing, "missing"),
+    (VersionMismatch, "mismatch"),
+    (WeightsIncompatible, "incompatible"),
+)
 
 
-def expected_tensors(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Names, shapes and dtypes of the served checkpoint, read from headers (no tensor data)."""
-    from safetensors import safe_open
-
-    dtypes = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                sl = fh.get_slice(name)
-                out[name] = (tuple(sl.get_shape()), dtypes.get(sl.get_dtype(), sl.get_dtype()))
-    return out
-
-
-def resolve_model_dir(model: str) -> Path:
-    """A local directory for ``model``: itself, or its snapshot in the Hugging Face cache."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
-
-
-def is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
+def _refusal(exc: WeightStoreError, otherwise: str) -> ReloadRefused:
+    """The refusal for a weight-store failure; ``otherwise`` names one of no specific type."""
+    reason = next((r for kind, r in _REASONS if isinstance(exc, kind)), otherwise)
+    return ReloadRefused(reason, str(exc))
 
 
 class WeightManager:
@@ -191,9 +164,9 @@ class WeightManager:
         self.model_dir = model_dir
         self.store = store
         self.cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="mapo-weights-"))
-        self.expected = expected_tensors(model_dir)
+        self.expected = tensor_spec(model_dir)
         self.gate = VersionGate()
-        self.served = Served(0, 0, tuple(str(p) for p in checkpoint_files(model_dir)), time.time())
+        self.served = Served(0, 0, tuple(str(p) for p in safetensors_files(model_dir)), time.time())
         self.healthy = True  # False if a failed in-place reload left the weights unknown
         self.last_error = ""
         # Seconds of the last successful load: locate + verify, and the in-place reload.
@@ -214,16 +187,8 @@ class WeightManager:
         if not self.store:
             return []
         if is_url(self.store):
-            import httpx
-
-            try:
-                resp = httpx.get(f"{self.store.rstrip('/')}/versions/latest", timeout=10.0)
-            except httpx.HTTPError as exc:
-                log.warning("weight server %s unreachable: %s", self.store, exc)
-                return []
-            if resp.status_code != 200:
-                return []
-            return [Candidate(int(resp.json()["version"]), self.store)]
+            latest = remote_latest_version(self.store)
+            return [] if latest is None else [Candidate(latest, self.store)]
         if not Path(self.store).is_dir():
             return []
         newest = latest_version(self.store)
@@ -274,45 +239,17 @@ class WeightManager:
             )
             return self.version
 
-    async def reload_served(self) -> None:
-        """Load the served version's files again (after an in-place reload failed midway)."""
-        async with self._lock, self.gate.exclusive():
-            await self.reloader.reload_files(self.served.files, self.expected)
-            await self.reloader.reset_prefix_cache()
-            self.healthy = True
-
     def _locate(self, cand: Candidate) -> Path:
-        if is_url(cand.location):
-            try:
-                return fetch_version(
-                    cand.location, cand.version, self.cache_dir, cand.manifest_sha256
-                )
-            except WeightStoreError as exc:
-                reason = "corrupt" if "does not match" in str(exc) else "unavailable"
-                raise ReloadRefused(reason, str(exc)) from None
-        path = Path(cand.location)
-        if (path / MANIFEST_FILE).is_file():
-            return path
-        directory = version_dir(path, cand.version)
-        if not directory.is_dir():
-            raise ReloadRefused("missing", f"version {cand.version} is not in {path}")
-        return directory
+        try:
+            return locate_version(cand.location, cand.version, self.cache_dir, cand.manifest_sha256)
+        except WeightStoreError as exc:
+            raise _refusal(exc, "unavailable") from None
 
     def _verify(self, directory: Path, cand: Candidate) -> Manifest:
         try:
-            manifest = verify_version(directory, cand.manifest_sha256)
+            return check_version(directory, cand.version, cand.manifest_sha256, self.expected)
         except WeightStoreError as exc:
-            raise ReloadRefused("corrupt", str(exc)) from None
-        if manifest.version != cand.version:
-            raise ReloadRefused(
-                "mismatch",
-                f"{directory} holds version {manifest.version}, expected {cand.version}",
-            )
-        try:
-            check_compatible(manifest, self.expected)
-        except WeightStoreError as exc:
-            raise ReloadRefused("incompatible", str(exc)) from None
-        return manifest
+            raise _refusal(exc, "corrupt") from None
 
     async def _swap(self, files: tuple[str, ...], manifest: Manifest) -> None:
         try:

@@ -17,40 +17,27 @@ replicas that loaded them on weights that no longer exist.
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from services.core.config import RunConfig
 from services.core.schemas import WeightAnnouncement
-from services.transport.base import Bus
-from services.transport.weight_store import WeightServer, latest_version, write_version
+from services.transport import Bus
+from services.weights.base_model import tensor_spec
+from services.weights.fetch import is_url
+from services.weights.store import WeightServer, latest_version, write_version
 
-TensorSpec = dict[str, tuple[int, ...]]
+ShapeSpec = dict[str, tuple[int, ...]]
 
 
-def base_tensor_spec(model_dir: str | Path) -> TensorSpec:
+def base_tensor_spec(model_dir: str | Path) -> ShapeSpec:
     """Names and shapes of every tensor in a model directory's safetensors file(s)."""
-    d = Path(model_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (d / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{d} has no model.safetensors: the policy must be in safetensors")
-    spec: TensorSpec = {}
-    for name in files:
-        with safe_open(str(d / name), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                spec[key] = tuple(fh.get_slice(key).get_shape())
-    return spec
+    return {name: shape for name, (shape, _dtype) in tensor_spec(model_dir).items()}
 
 
 def serving_tensors(
@@ -85,11 +72,11 @@ class WeightPublisher:
         self,
         config: RunConfig,
         bus: Bus,
-        spec: TensorSpec,
+        spec: ShapeSpec,
         dtype: torch.dtype,
     ) -> None:
         store = config.weights.store
-        if store.startswith(("http://", "https://")):
+        if is_url(store):
             raise ValueError(
                 f"weights.store={store} is a URL; the trainer writes the store, so it must be a "
                 "directory (replicas may read it over HTTP via trainer.weights_port)"

@@ -1,4 +1,4 @@
-"""Exactly-once helpers: the applied-groups ledger, deferred acks and stable prompt ids."""
+"""Exactly-once bookkeeping: the applied-groups ledger and deferred acks."""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ import json
 import pytest
 
 from services.core.schemas import ScoredGroup
-from services.transport import (
-    TRAINER_GROUP,
-    AppliedLedger,
-    DeferredAcks,
-    Delivery,
-    make_bus,
-    make_prompt_id,
-)
+from services.trainer.ledger import AppliedLedger, DeferredAcks
+from services.transport import TRAINER_GROUP, Delivery, make_bus
 from tests.fixtures.redis import make_group
 
 
@@ -55,13 +49,6 @@ def test_ledger_state_survives_a_json_checkpoint() -> None:
 def test_ledger_refuses_state_of_an_unknown_version() -> None:
     with pytest.raises(ValueError, match="version"):
         AppliedLedger.from_state_dict({"version": 99, "capacity": 1, "ids": []})
-
-
-def test_prompt_ids_are_stable_and_sort_in_issue_order() -> None:
-    assert make_prompt_id("run1", 42) == make_prompt_id("run1", 42) == "run1:000000000042"
-    assert make_prompt_id("r", 9) < make_prompt_id("r", 10)
-    with pytest.raises(ValueError):
-        make_prompt_id("r", -1)
 
 
 def test_deferred_acks_ack_only_on_commit() -> None:

@@ -14,20 +14,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from services.transport.base import Bus, Delivery
+from services.transport import Bus, Delivery
 
 LEDGER_STATE_VERSION = 1
-
-
-def make_prompt_id(run: str, seq: int) -> str:
-    """A prompt (and group) id from the run name and the trainer's issue counter.
-
-    Take ``seq`` from a counter saved with the checkpoint, so a prompt re-issued after a
-    restart gets the id it had before and its duplicate group is recognised.
-    """
-    if seq < 0:
-        raise ValueError("seq must be >= 0")
-    return f"{run}:{seq:012d}"
 
 
 class AppliedLedger:

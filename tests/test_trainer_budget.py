@@ -8,15 +8,9 @@ import logging
 import pytest
 
 from services.core.schemas import PromptMessage
-from services.transport import (
-    INFERENCE_GROUP,
-    TRAINER_GROUP,
-    Bus,
-    BusError,
-    InFlightBudget,
-    PromptProducer,
-)
-from services.transport import budget as budget_module
+from services.trainer import budget as budget_module
+from services.trainer.budget import InFlightBudget, PromptProducer
+from services.transport import INFERENCE_GROUP, TRAINER_GROUP, Bus, BusError
 from tests.fixtures.redis import BusSetup, make_group, make_prompt
 
 pytestmark = pytest.mark.timeout(30)
@@ -34,20 +28,6 @@ def test_budget_counts_each_prompt_once_and_frees_a_slot_once() -> None:
     assert budget.settle("a") is False  # a duplicate group frees nothing
     assert budget.settle("zzz") is False
     assert budget.room() == 1
-
-
-def test_wait_for_room_returns_when_a_group_comes_back() -> None:
-    async def main() -> None:
-        budget = InFlightBudget(1, ["a"])
-        waiter = asyncio.create_task(budget.wait_for_room())
-        await asyncio.sleep(0.01)
-        assert not waiter.done()
-        budget.settle("a")
-        assert await asyncio.wait_for(waiter, 1) == 1
-        budget.add("b")
-        assert await budget.wait_for_room(timeout=0.01) == 0
-
-    asyncio.run(main())
 
 
 async def _worker(bus: Bus, s: BusSetup, n: int, *, ack: bool = True) -> None:
@@ -175,5 +155,5 @@ def test_recounts_see_every_group_past_more_pending_ones_than_the_bound(
         assert "pass PromptProducer.restore a deferred=" in caplog.text
         await bus.close()
 
-    with caplog.at_level(logging.WARNING, logger="services.transport.budget"):
+    with caplog.at_level(logging.WARNING, logger="services.trainer.budget"):
         asyncio.run(main())

@@ -18,14 +18,13 @@ side) and only those.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from services.core.config import BusConfig
 from services.core.schemas import PromptMessage
-from services.transport.base import Bus, BusError, Delivery
+from services.transport import Bus, BusError, Delivery
 from services.transport.names import INFERENCE_GROUP, TRAINER_GROUP
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ class InFlightBudget:
             raise ValueError("the in-flight limit must be >= 1")
         self.limit = limit
         self._ids: set[str] = set(outstanding)
-        self._changed = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
@@ -71,27 +69,10 @@ class InFlightBudget:
         if prompt_id not in self._ids:
             return False
         self._ids.discard(prompt_id)
-        self._changed.set()
         return True
 
     def replace(self, outstanding: Iterable[str]) -> None:
         self._ids = set(outstanding)
-        self._changed.set()
-
-    async def wait_for_room(self, timeout: float | None = None) -> int:
-        """Wait until at least one slot is free (or ``timeout`` passes); returns the room."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while not self.room():
-            self._changed.clear()
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                break
-        return self.room()
 
 
 class PromptProducer:
