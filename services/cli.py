@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=int, default=1, help="inference replicas")
     up.add_argument("--estimator", default=None, help="advantage estimator (default mapo)")
     up.add_argument("--seed", type=int, default=None, help="seed for task, warm start and RL")
+    up.add_argument("--nproc", type=int, default=None, help="trainer ranks (torchrun, FSDP2)")
+    cmp = _command(
+        sub,
+        "compare",
+        "services.stack.compare:main",
+        "Every estimator x seed through the whole stack: table, spread and plot.",
+    )
+    cmp.add_argument(
+        "--estimators",
+        default="mapo,grpo,dapo,dr_grpo,apd,mapo_random_lambda",
+        help="advantage estimators, comma-separated",
+    )
+    cmp.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated")
+    cmp.add_argument("--steps", type=int, default=None, help="RL steps of each run")
+    cmp.add_argument("--run-dir", default=None, help="where the warm starts and runs go")
 
     # Services.
     reward = sub.add_parser("reward", help="The gRPC reward/verifier service.")
@@ -80,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = trainer.add_subparsers(dest="trainer_command", metavar="ACTION", required=True)
     trun = _command(tsub, "run", "services.trainer.main:cli_run", "Train from scored groups.")
     trun.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    trun.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ranks on this node under torchrun, FSDP2-sharded (default trainer.nproc)",
+    )
 
     # Utilities.
     mm = _command(
@@ -87,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mm.add_argument("dir", help="output directory")
     mm.add_argument(
-        "--size", default="tiny", choices=["tiny", "mini", "small", "50m", "0.5b"], help="preset"
+        "--size",
+        default="tiny",
+        choices=["tiny", "mini", "small", "50m", "0.5b", "1.5b"],
+        help="preset",
     )
     mm.add_argument("--seed", type=int, default=0, help="initialisation seed")
 
@@ -127,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt = _command(bsub, "trainer", "services.benchmarks.trainer:main", "Trainer tokens/s per step.")
     bt.add_argument("--sizes", default="tiny,50m", help="model presets, comma-separated")
     bt.add_argument("--steps", type=int, default=3, help="timed steps per size (after 1 warm-up)")
+    bt.add_argument(
+        "--nproc", default=None, help="compare rank counts on the CPU instead, e.g. 1,2 (FSDP2)"
+    )
+    bt.add_argument("--threads-per-rank", type=int, default=1, help="torch threads of each rank")
 
     be = _command(
         bsub, "e2e", "services.benchmarks.e2e:main", "The stack vs a single-process loop."
@@ -135,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
     be.add_argument("--rounds", type=int, default=5, help="timed rounds of each phase alone")
     be.add_argument("--run-dir", default=None, help="where the model and results go")
+
+    bo = _command(
+        bsub,
+        "objective",
+        "services.benchmarks.objective:main",
+        "Held-out gain: mini-batch PPO with correction vs one update, over seeds.",
+    )
+    bo.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated")
+    bo.add_argument("--steps", type=int, default=100, help="RL steps of each run")
+    bo.add_argument("--run-dir", default=None, help="where the models and runs go")
 
     cfg = _command(sub, "config", "services.cli:show_config", "Print the effective config.")
     cfg.add_argument("--json", action="store_true", help="as JSON instead of TOML-like text")

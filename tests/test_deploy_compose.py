@@ -187,7 +187,7 @@ def test_dependency_conditions(resolved: dict[str, Any]) -> None:
         assert inference["reward"]["condition"] == "service_healthy"
         assert inference["model"]["condition"] == "service_completed_successfully"
         # A restarted trainer continues its run (a fresh run dir starts fresh).
-        assert "--resume" in svcs[f"trainer-{kind}"]["command"]
+        assert "--resume" in (_mapo_args(svcs[f"trainer-{kind}"]) or [])
         trainer = svcs[f"trainer-{kind}"]["depends_on"]
         assert trainer["redis"]["condition"] == "service_healthy"
         assert trainer["model"]["condition"] == "service_completed_successfully"
@@ -200,13 +200,93 @@ def test_dependency_conditions(resolved: dict[str, Any]) -> None:
 
 
 def test_gpu_reservations(resolved: dict[str, Any]) -> None:
+    """The GPU trainer gets every GPU of the machine, an inference replica one."""
+    counts = {"trainer-gpu": "all", "inference-gpu": 1}
     for name, svc in resolved["services"].items():
         devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
         if name.endswith("-gpu"):
-            assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
+            expected = {"driver": "nvidia", "count": counts[name], "capabilities": ["gpu"]}
+            assert devices == [expected], name
             assert svc["build"]["dockerfile"].endswith("Dockerfile.cuda")
         else:
             assert devices is None, name
+
+
+def _bytes(size: str | int) -> int:
+    """A compose size ("16gb", "512m" or bytes) in bytes."""
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(size).lower())
+    assert m, size
+    return int(m.group(1)) * 1024 ** "_kmg".index(m.group(2) or "_")
+
+
+def test_gpu_trainer_has_room_for_nccl(resolved: dict[str, Any]) -> None:
+    """NCCL between the ranks of one machine needs more /dev/shm than the 64 MiB default."""
+    svc = resolved["services"]["trainer-gpu"]
+    assert _bytes(svc["shm_size"]) >= 8 * 2**30
+    assert svc["ulimits"]["memlock"] == -1
+    assert "shm_size" not in resolved["services"]["trainer-cpu"]
+
+
+def _container_script(svc: dict[str, Any]) -> str:
+    """The `sh -c` script as the container runs it (compose turns $$ into $)."""
+    assert svc["entrypoint"] == ["sh", "-c"]
+    (script,) = svc["command"]
+    return str(script).replace("$$", "$")
+
+
+def _run_trainer_script(
+    script: str, tmp_path: Path, python: str, **env: str
+) -> tuple[str, str, list[str]]:
+    """Run the script with a stand-in `mapo` that reports what it was started with."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    mapo = bin_dir / "mapo"
+    mapo.write_text('#!/bin/sh\necho "${CUDA_VISIBLE_DEVICES-unset}|$MAPO__TRAINER__NPROC|$*"\n')
+    mapo.chmod(0o755)
+    wrapper = bin_dir / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{python}" "$@"\n')
+    wrapper.chmod(0o755)
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "MAPO_TRAINER_GPUS": "all"}
+    out = subprocess.run(
+        ["sh", "-c", script], env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    visible, nproc, args = out.stdout.strip().split("|")
+    return visible, nproc, args.split()
+
+
+def test_gpu_trainer_runs_one_rank_per_visible_gpu(
+    resolved: dict[str, Any], tmp_path: Path
+) -> None:
+    """The trainer's shell: nproc = GPUs the container sees, unless set; MAPO_TRAINER_GPUS narrows."""
+    svc = resolved["services"]["trainer-gpu"]
+    assert svc["environment"]["MAPO_TRAINER_GPUS"] == "all"
+    script = _container_script(svc)
+    # A stand-in python that counts CUDA_VISIBLE_DEVICES the way torch does (8 GPUs otherwise).
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        '#!/bin/sh\n[ -n "${CUDA_VISIBLE_DEVICES+x}" ] || { echo 8; exit; }\n'
+        'echo "$CUDA_VISIBLE_DEVICES" | tr , "\\n" | grep -c .\n'
+    )
+    fake.chmod(0o755)
+    visible, nproc, args = _run_trainer_script(script, tmp_path, str(fake))
+    assert (visible, nproc) == ("unset", "8")
+    build_parser().parse_args(args)
+    assert args == ["trainer", "run", "--resume"]
+    assert _run_trainer_script(script, tmp_path, str(fake), MAPO_TRAINER_GPUS="1,2,3")[:2] == (
+        "1,2,3",
+        "3",
+    )
+    assert _run_trainer_script(script, tmp_path, str(fake), MAPO__TRAINER__NPROC="2")[:2] == (
+        "unset",
+        "2",
+    )
+    # The real interpreter runs the GPU count (no GPU here: 0).
+    _, nproc, _ = _run_trainer_script(script, tmp_path, sys.executable)
+    assert nproc == "0"
+    # Whatever it resolves to is a valid run config.
+    environ = {**env_file(), "MAPO__TRAINER__DEVICE": "cuda", "MAPO__TRAINER__NPROC": "8"}
+    assert build_config(environ=environ).trainer.nproc == 8
 
 
 def test_shared_weight_volume(resolved: dict[str, Any]) -> None:

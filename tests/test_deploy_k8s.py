@@ -5,14 +5,19 @@ unknown field is an error) against the oldest and newest Kubernetes versions the
 target. KEDA's ScaledObject and TriggerAuthentication are custom resources without schemas in
 that tool: they are validated against the schema below, written from KEDA's CRDs
 (keda.sh/v1alpha1, KEDA 2.10+) for the fields this deployment may use, plus the redis-streams
-scaler's documented parameters. The rendered objects are then checked against each other and
+scaler's documented parameters. The multi-node overlay's JobSet is validated against JobSet's own
+CRD schema (tests/fixtures/jobset_crd_schemas.json, the oldest and newest JobSet it targets, with
+unknown fields rejected as kubectl's strict field validation does) and its Job template as a
+batch/v1 Job by kubernetes-validate. The rendered objects are then checked against each other and
 against the services: probes on the ports the commands bind, Services and PDBs that select the
 pods, Secret references, the run config, and the commands parsed by the real ``mapo`` parser.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,8 @@ from tests.test_deploy_tools import (
 
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 NAMESPACE = "mapo"
+MULTINODE = "multinode"  # the GPU overlay with the trainer as a JobSet over several nodes
+JOBSET_SCHEMAS = Path(__file__).parent / "fixtures" / "jobset_crd_schemas.json"
 
 _STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _INT = {"type": "integer"}
@@ -239,7 +246,7 @@ def literal_env(c: dict[str, Any]) -> dict[str, str]:
 # --- Rendering and schema validation ------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS, MULTINODE])
 def test_kustomize_renders(overlay: str) -> None:
     docs = rendered(overlay)
     assert docs
@@ -249,10 +256,34 @@ def test_kustomize_renders(overlay: str) -> None:
         assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mapo-rl"
 
 
+def jobs_of(jobset: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batch/v1 Jobs a JobSet creates, as JobSet names them (job index 0)."""
+    name, meta = jobset["metadata"]["name"], jobset["metadata"]
+    return [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": f"{name}-{rj['name']}-0",
+                "namespace": meta["namespace"],
+                **(
+                    {"labels": rj["template"]["metadata"]["labels"]}
+                    if "metadata" in rj["template"]
+                    else {}
+                ),
+            },
+            "spec": rj["template"]["spec"],
+        }
+        for rj in jobset["spec"]["replicatedJobs"]
+    ]
+
+
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, MULTINODE])
 def test_builtin_kinds_validate_strictly(overlay: str, k8s_version: str, tmp_path: Path) -> None:
-    docs = [d for d in rendered(overlay) if d["kind"] not in KEDA_KINDS]
+    """Every built-in object, and the Job template of every JobSet, under --strict."""
+    docs = [d for d in rendered(overlay) if d["kind"] not in KEDA_KINDS and d["kind"] != "JobSet"]
+    docs += [job for js in find(rendered(overlay), "JobSet") for job in jobs_of(js)]
     path = tmp_path / f"{overlay}.yaml"
     path.write_text(yaml.safe_dump_all(docs))
     out = run([venv_tool("kubernetes-validate"), "--strict", "-k", k8s_version, str(path)])
@@ -353,17 +384,33 @@ def test_hpa_overlay_scales_without_keda() -> None:
     assert container(deploy, "inference")["resources"]["requests"]["cpu"]
 
 
-def test_gpu_overlay_requests_gpus() -> None:
+def shm_is_memory(pod: dict[str, Any], c: dict[str, Any]) -> bool:
+    """/dev/shm is a memory-backed emptyDir (NCCL's intra-node buffers; 64 MiB by default)."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    return bool(volumes[mount["name"]]["emptyDir"]["medium"] == "Memory")
+
+
+def test_gpu_overlay_requests_gpus(tmp_path: Path) -> None:
+    """One GPU per replica; the trainer on every GPU of a node, one rank each."""
     docs = rendered("gpu")
-    for name in ("inference", "trainer"):
-        c = container(one(docs, "Deployment", name), name)
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    inference = container(one(docs, "Deployment", "inference"), "inference")
+    assert inference["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    deploy = one(docs, "Deployment", "trainer")
+    trainer = container(deploy, "trainer")
+    gpus = int(trainer["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus > 1
+    for c in (inference, trainer):
         assert c["image"].endswith(":cuda")
-    env = literal_env(container(one(docs, "Deployment", "trainer"), "trainer"))
+    env = literal_env(trainer)
     assert env["MAPO__TRAINER__DEVICE"] == "cuda"
+    assert int(env["MAPO__TRAINER__NPROC"]) == gpus
+    assert run_config(docs, tmp_path, env).trainer.nproc == gpus
+    assert shm_is_memory(deploy["spec"]["template"]["spec"], trainer)
     for overlay in ("cpu", "hpa"):
         text = yaml.safe_dump_all(rendered(overlay))
         assert "nvidia.com/gpu" not in text and ":cuda" not in text
+        assert "NPROC" not in text  # one rank on the CPU
 
 
 # --- Probes, ports, Services, PDBs, Secrets, config -------------------------------------
@@ -528,3 +575,203 @@ def test_prometheus_k8s_config_finds_every_pod(overlay: str) -> None:
         assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
         assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == job["job_name"]
         assert sd["port"] in [p["port"] for p in svc["spec"]["ports"]]
+
+
+# --- The multi-node trainer (JobSet) ------------------------------------------------------
+
+
+def jobset_schema(version: str) -> dict[str, Any]:
+    """JobSet's CRD schema with unknown fields rejected, as `kubectl apply` (strict) rejects them."""
+
+    def strict(node: Any) -> Any:
+        if isinstance(node, dict):
+            node = {k: strict(v) for k, v in node.items()}
+            open_ended = "additionalProperties" in node or node.get(
+                "x-kubernetes-preserve-unknown-fields"
+            )
+            if "properties" in node and not open_ended:
+                node["additionalProperties"] = False
+            return node
+        if isinstance(node, list):
+            return [strict(v) for v in node]
+        return node
+
+    schema: dict[str, Any] = strict(json.loads(JOBSET_SCHEMAS.read_text())[version])
+    return schema
+
+
+def the_jobset(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainer JobSet and its only replicated job."""
+    (js,) = find(docs, "JobSet")
+    (rj,) = js["spec"]["replicatedJobs"]
+    return js, rj
+
+
+def pod_of(rj: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = rj["template"]["spec"]["template"]
+    return pod
+
+
+JOBSET_VERSIONS = ("v0.5.0", "v0.12.0")
+
+
+@pytest.mark.parametrize("version", JOBSET_VERSIONS)
+def test_jobset_matches_the_crd_schema(version: str) -> None:
+    import jsonschema
+
+    js, _ = the_jobset(rendered(MULTINODE))
+    assert (js["apiVersion"], js["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    jsonschema.validate(js, jobset_schema(version))
+
+
+def test_jobset_schema_is_real() -> None:
+    """A misspelt field, or a wrong type, fails the schema."""
+    import jsonschema
+
+    js, _ = the_jobset(rendered(MULTINODE))
+    for path, value in ((("spec", "failurePolicy", "maxRestart"), 3), (("spec", "suspend"), "no")):
+        bad = json.loads(json.dumps(js))
+        node = bad
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, jobset_schema(JOBSET_VERSIONS[0]))
+
+
+def test_multinode_runs_the_trainer_as_a_jobset_of_gpu_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pod per node, every GPU of each: torchrun, all of whose arguments come from the
+    PET_* variables (read by torch's own parser), starts the ranks of `mapo trainer run`."""
+    docs = rendered(MULTINODE)
+    assert not find(docs, "Deployment", "trainer")
+    assert {d["metadata"]["name"] for d in find(docs, "Deployment")} == {
+        "redis",
+        "reward",
+        "inference",
+    }
+    js, rj = the_jobset(docs)
+    job = rj["template"]["spec"]
+    pod = pod_of(rj)["spec"]
+    (c,) = pod["containers"]
+    env = literal_env(c)
+    # What torchrun makes of the pod: its parser reads PET_<ARGUMENT> when the flag is absent.
+    assert c["command"] == ["python", "-m", "torch.distributed.run"]
+    from torch.distributed.run import get_args_parser
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PET_NODE_RANK", "1")  # the second pod's completion index
+    torchrun = get_args_parser().parse_args(c["args"])
+    # Nodes: one Indexed Job, one pod per node; the node rank is the pod's completion index.
+    assert int(torchrun.nnodes) >= 2 and job["parallelism"] == job["completions"]
+    assert int(torchrun.nnodes) == job["parallelism"] and torchrun.node_rank == 1
+    assert rj.get("replicas", 1) == 1 and job["completionMode"] == "Indexed"
+    rank = next(e for e in c["env"] if e["name"] == "PET_NODE_RANK")["valueFrom"]["fieldRef"]
+    assert rank["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    # Rendezvous on node 0, by the DNS name JobSet gives it (static rendezvous, not standalone).
+    assert torchrun.rdzv_backend == "static" and not torchrun.standalone
+    network = js["spec"]["network"]
+    assert network["enableDNSHostnames"] is True
+    subdomain = network.get("subdomain", js["metadata"]["name"])
+    assert torchrun.master_addr == f"{js['metadata']['name']}-{rj['name']}-0-0.{subdomain}"
+    assert torchrun.master_port in [p["containerPort"] for p in c["ports"]]
+    # GPUs: every GPU of the node, one rank each; NCCL gets a memory-backed /dev/shm.
+    gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus >= 1 and int(torchrun.nproc_per_node) == gpus
+    assert shm_is_memory(pod, c)
+    assert all(x["image"].endswith(":cuda") for x in pod["containers"] + pod["initContainers"])
+    # Restarts: a failed pod fails its Job at once, and JobSet recreates every node together;
+    # torchrun restarts nothing.
+    assert job["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    assert js["spec"]["failurePolicy"]["maxRestarts"] > 0
+    assert torchrun.max_restarts == 0
+    # Each rank: `mapo trainer run` on the run config, under the pod's environment.
+    assert (torchrun.module, torchrun.training_script) == (True, "services.cli")
+    args = build_parser().parse_args(torchrun.training_script_args)
+    assert args.config == "/etc/mapo/run.toml" and args.resume
+    config = run_config(docs, tmp_path, env)
+    assert config.trainer.device == "cuda"
+    assert config.bus.url.startswith("redis://:secret-value@redis:6379/")
+
+
+def test_multinode_volumes_and_references() -> None:
+    """A volume every node mounts; the ConfigMap and Secret the pods name exist (hash suffix)."""
+    docs = rendered(MULTINODE)
+    _, rj = the_jobset(docs)
+    pod = pod_of(rj)["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for c in pod["containers"] + pod["initContainers"]:
+        (data,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/data"]
+        claim = one(
+            docs,
+            "PersistentVolumeClaim",
+            volumes[data["name"]]["persistentVolumeClaim"]["claimName"],
+        )
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (c,) = pod["containers"]
+    (cfg,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/mapo"]
+    assert find(docs, "ConfigMap", volumes[cfg["name"]]["configMap"]["name"])
+    secrets = {d["metadata"]["name"]: d for d in find(docs, "Secret")}
+    refs = [
+        e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    assert refs
+    for ref in refs:
+        assert ref["key"] in secrets[ref["name"]]["stringData"]
+    # No password in the JobSet itself: only through the Secret.
+    password = secrets["mapo-redis"]["stringData"]["password"]
+    assert password not in yaml.safe_dump(find(docs, "JobSet"))
+
+
+def test_multinode_services_reach_rank_zero() -> None:
+    """Weights and metrics come from global rank 0: the Services select node 0's pod only."""
+    docs = rendered(MULTINODE)
+    _, rj = the_jobset(docs)
+    template = pod_of(rj)
+    (c,) = template["spec"]["containers"]
+    for name in ("trainer", "trainer-metrics"):
+        svc = one(docs, "Service", name)
+        selector = dict(svc["spec"]["selector"])
+        assert selector.pop("batch.kubernetes.io/job-completion-index") == "0"
+        assert selector.items() <= template["metadata"]["labels"].items()
+        for port in svc["spec"]["ports"]:
+            port_number(c, port["targetPort"])
+    # ...and no other workload carries the trainer's labels.
+    for deploy in find(docs, "Deployment"):
+        labels = deploy["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("app.kubernetes.io/component") != "trainer"
+
+
+def test_multinode_model_step_builds_once(tmp_path: Path) -> None:
+    """The init container: node 0 builds the model into place atomically, the others wait."""
+    _, rj = the_jobset(rendered(MULTINODE))
+    (init,) = pod_of(rj)["spec"]["initContainers"]
+    assert init["command"][:2] == ["sh", "-c"]
+    data = tmp_path / "data"
+    data.mkdir()
+    script = init["command"][2].replace("/data/", f"{data}/")
+    m = re.search(r"mapo (make-model \S+ --size \w+)", init["command"][2])
+    assert m
+    build_parser().parse_args(m.group(1).split())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "mapo").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\nmkdir -p "$2" && echo {{}} > "$2/config.json"\n'
+    )
+    (bin_dir / "mapo").chmod(0o755)
+
+    def node(index: int, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": str(index)}
+        return subprocess.run(
+            ["sh", "-c", script], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    with pytest.raises(subprocess.TimeoutExpired):
+        node(1, timeout=3)  # no model yet: node 1 waits
+    assert node(0).returncode == 0
+    assert (data / "model" / "config.json").is_file() and not (data / "model.partial").exists()
+    assert node(0).returncode == 0 and node(1).returncode == 0  # already there: nothing to do
+    assert calls.read_text().splitlines() == [f"make-model {data}/model.partial --size tiny"]

@@ -10,7 +10,14 @@ import torch
 from pydantic import ValidationError
 
 from services.core.config import AlgorithmConfig
-from services.core.loss import LossInputs, LossStats, aggregate, kl_penalty, policy_loss
+from services.core.loss import (
+    LossInputs,
+    LossStats,
+    aggregate,
+    behaviour_weights,
+    kl_penalty,
+    policy_loss,
+)
 
 NAN = math.nan
 INF = math.inf
@@ -198,11 +205,67 @@ def test_truncated_is_weights_multiply_token_losses_and_are_capped() -> None:
     assert logprobs.grad[0, 0].item() == pytest.approx(2.0 * -1.0 / 5)
 
 
-def test_truncated_is_is_off_without_a_cap() -> None:
+def test_behaviour_correction_off_ignores_behaviour_logprobs() -> None:
     logprobs, old, adv, mask = hand_batch()
-    out = loss_of(logprobs, old, adv, mask, behaviour_logprobs=old - 3.0, tis_cap=None)
+    out = loss_of(
+        logprobs, old, adv, mask, behaviour_logprobs=old - 3.0, behaviour_correction="off"
+    )
     assert out.loss.item() == pytest.approx(0.96)
-    assert out.stats.tis_weight_mean == 1.0
+    assert out.stats.tis_weight_mean == 1.0 and out.stats.tis_clip_frac == 0.0
+
+
+def hand_behaviour(old: torch.Tensor) -> torch.Tensor:
+    """exp(old - behaviour) = 3, 0.5, 1 | 1, 1.5, and padding that must not count."""
+    log_w = [[math.log(3.0), math.log(0.5), 0.0], [0.0, math.log(1.5), 50.0]]
+    return old - torch.tensor(log_w, dtype=torch.float64)
+
+
+def test_masked_is_weights_zero_the_tokens_above_the_cap() -> None:
+    logprobs, old, adv, mask = hand_batch()
+    behaviour = hand_behaviour(old)
+    out = loss_of(
+        logprobs, old, adv, mask, behaviour_logprobs=behaviour, behaviour_correction="mask"
+    )
+    # Token losses -1, -1.3, -0.5, 1.6, 6 weighted by 0 (3 > cap 2), 0.5, 1, 1, 1.5; the masked
+    # token still counts in the token mean's denominator.
+    assert out.loss.item() == pytest.approx((0.0 - 0.65 - 0.5 + 1.6 + 9.0) / 5)
+    assert out.stats.tis_weight_mean == pytest.approx((0.0 + 0.5 + 1 + 1 + 1.5) / 5)
+    assert out.stats.tis_clip_frac == pytest.approx(1 / 5)
+    out.loss.backward()
+    assert logprobs.grad is not None and logprobs.grad[0, 0].item() == 0.0
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_sequence_level_weights_share_the_product_of_token_ratios(mode: str) -> None:
+    logprobs, old, adv, mask = hand_batch()
+    behaviour = hand_behaviour(old)
+    common: dict[str, Any] = {"behaviour_correction": mode, "is_level": "sequence"}
+    # Sequence weights exp(log 3 + log 0.5 + 0) = 1.5 and exp(0 + log 1.5) = 1.5 (padding left
+    # out): under the default cap of 2, the same in both modes.
+    out = loss_of(logprobs, old, adv, mask, behaviour_logprobs=behaviour, **common)
+    assert out.loss.item() == pytest.approx(1.5 * 0.96)
+    assert out.stats.tis_weight_mean == pytest.approx(1.5)
+    assert out.stats.tis_clip_frac == 0.0
+
+    # Under a cap of 1.2 both sequences are capped (truncate) or zeroed (mask).
+    capped = loss_of(logprobs, old, adv, mask, behaviour_logprobs=behaviour, tis_cap=1.2, **common)
+    expected_w = 1.2 if mode == "truncate" else 0.0
+    assert capped.stats.tis_weight_mean == pytest.approx(expected_w)
+    assert capped.stats.tis_clip_frac == 1.0
+    assert capped.loss.item() == pytest.approx(0.96 * expected_w)
+
+
+def test_behaviour_weights_are_pi_prox_over_mu_not_the_inverse() -> None:
+    """The weight is pi_prox / mu: swapped, the ratios 3 and 0.5 would become 1/3 and 2."""
+    _, old, _, mask = hand_batch()
+    behaviour = hand_behaviour(old)
+    w, capped = behaviour_weights(old, behaviour, mask, mode="truncate", level="token", cap=2.0)
+    assert w[0].tolist() == pytest.approx([2.0, 0.5, 1.0])
+    assert w[1, :2].tolist() == pytest.approx([1.0, 1.5])
+    assert w[1, 2].item() == 1.0  # padding
+    assert capped.tolist() == [[True, False, False], [False, False, False]]
+    swapped, _ = behaviour_weights(behaviour, old, mask, mode="truncate", level="token", cap=2.0)
+    assert swapped[0].tolist() != pytest.approx(w[0].tolist())
 
 
 def test_on_policy_gradient_is_minus_advantage_over_tokens() -> None:
@@ -296,7 +359,15 @@ def test_kl_without_a_reference_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"loss_agg": "mean"}, {"kl_type": "k2"}, {"dual_clip": 1.0}, {"tis_cap": 0.0}],
+    [
+        {"loss_agg": "mean"},
+        {"kl_type": "k2"},
+        {"dual_clip": 1.0},
+        {"tis_cap": 0.0},
+        {"behaviour_correction": "clip"},
+        {"is_level": "geometric"},
+        {"mini_batch_groups": -1},
+    ],
 )
 def test_bad_objective_settings_are_rejected_by_the_config(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError, match=next(iter(bad))):

@@ -1,5 +1,5 @@
-"""Groups past the staleness bound: dropped and counted, or kept with truncated importance
-sampling whose weights are exactly min(pi_old / mu, cap); and the other admission rules."""
+"""Groups past the staleness bound: dropped and counted, or kept with the behaviour correction
+every group gets, weights exactly min(pi_prox / mu, cap); and the other admission rules."""
 
 from __future__ import annotations
 
@@ -104,16 +104,14 @@ def test_stale_groups_corrected_with_tis(tiny_model_dir: Path, tmp_path: Path) -
     assert run.state.counters["stale_corrected"] == 2
     assert run.metrics.stale_groups.labels(action="corrected")._value.get() == 2
 
-    # Expected weights, computed independently: 1 for rows within the bound, else
-    # min(exp(old - behaviour), cap) per token.
+    # Expected weights, computed independently: min(exp(prox - behaviour), cap) per token for
+    # every row (about 1 for the two groups sampled by this very model).
     tb = collate(batch.groups, pad_id=p.pad_id, max_len=128, correct=frozenset(batch.corrected))
-    old = score_tokens(p.model, tb.input_ids, tb.attention_mask, micro_batch=64).logprobs
-    w = torch.where(tb.correct[:, None], torch.exp(old - tb.behaviour_logprobs).clamp(max=2.0), 1.0)
+    prox = score_tokens(p.model, tb.input_ids, tb.attention_mask, micro_batch=64).logprobs
+    w = torch.exp(prox - tb.behaviour_logprobs).clamp(max=2.0)
     mask = tb.response_mask
     expected_mean = float(w[mask].mean())
-    expected_clipped = float(
-        (tb.correct[:, None] & (old - tb.behaviour_logprobs > math.log(2.0)))[mask].float().mean()
-    )
+    expected_clipped = float((prox - tb.behaviour_logprobs > math.log(2.0))[mask].float().mean())
 
     m = p.train(batch.groups, batch.staleness, frozenset(batch.corrected)).metrics
     assert m["tis_weight_mean"] == pytest.approx(expected_mean, rel=1e-5)

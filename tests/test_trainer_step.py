@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from services.core.advantages import compute_advantages_ragged
-from services.core.config import AlgorithmConfig
+from services.core.config import AlgorithmConfig, ConfigError
+from services.core.loss import LossInputs
 from services.trainer import checkpoint as ckpt
 from services.trainer import step as step_module
 from services.trainer.batch import TrainBatch, collate
+from services.trainer.logprobs import score_tokens
 from services.trainer.model import Learner
 from services.trainer.step import StepResult, train_step
 from tests.fixtures.trainer import sampled_groups, trainer_config
@@ -146,15 +148,17 @@ def test_micro_batching_gives_the_whole_batch_gradient(
         torch.testing.assert_close(whole[name], split[name], rtol=1e-4, atol=1e-7)
 
 
-def test_logprobs_at_other_temperatures_compare_with_untempered_inference_logprobs(
+def test_logprobs_at_other_temperatures_compare_with_the_engines_tempered_logprobs(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    # vLLM reports raw (untempered) log-probs by default; the trainer trains the tempered
-    # policy but compares like with like.
+    # The engine reports the log-probs of the distribution it sampled from (logits / T), and
+    # the trainer scores at the same temperature: fresh groups match, and their behaviour
+    # weights are 1 (at T = 1 against these log-probs they would be far from it).
     p = policy(tiny_model_dir, tmp_path, rollout={"temperature": 0.7})
     groups = sampled_groups(p.model, p.tokenizer, 3, temperature=0.7)
     m = p.train(groups, {}, frozenset()).metrics
-    assert m["logprob_mismatch"] < 1e-4
+    assert m["logprob_mismatch"] < 1e-4 and m["mismatch_kl"] < 1e-7
+    assert m["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) and m["tis_clip_frac"] == 0.0
 
 
 def test_two_ppo_epochs_take_two_optimiser_steps_and_move_the_ratio(
@@ -369,7 +373,8 @@ def test_fused_forward_gives_the_two_pass_step(
         assert m["tis_weight_mean"] > 1.0 and m["tis_clip_frac"] > 0.0
         assert m["logprob_mismatch"] > 0.1  # the shifted rows
     else:
-        assert m["tis_weight_mean"] == 1.0 and m["tis_clip_frac"] == 0.0
+        # Every group is weighted by pi_prox / mu; sampled from this very model, that is 1.
+        assert m["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) and m["tis_clip_frac"] == 0.0
         assert m["logprob_mismatch"] < 1e-4
     # The fused step spends no time on an old-policy pass; the two-pass one does.
     assert fused[0].metrics["old_s"] == 0.0 < two_pass[0].metrics["old_s"]
@@ -458,3 +463,212 @@ def test_step_reports_where_its_time_goes(tiny_model_dir: Path, tmp_path: Path) 
     q = policy(tiny_model_dir, tmp_path, algorithm={"ppo_epochs": 2, "kl_coef": 0.0})
     m = q.train(sampled_groups(q.model, q.tokenizer, 4), {}, frozenset()).metrics
     assert m["old_s"] is not None and m["old_s"] > 0.0 and m["ref_s"] == 0.0
+
+
+# ------------------------------------------------ mini-batches and the behaviour correction
+
+
+def shifted_batch(
+    p: Learner, n: int, shifts: dict[int, float], lags: dict[int, int] | None = None
+) -> TrainBatch:
+    """``n`` groups sampled from the policy; group i's engine log-probs lowered by
+    ``shifts[i]`` (as if an older policy had sampled it: pi_prox / mu = e^shift) and its
+    staleness ``lags[i]`` (0 when absent), all within trainer.max_staleness."""
+    groups = sampled_groups(p.model, p.tokenizer, n, seed=5)
+    groups = [
+        dataclasses.replace(
+            g,
+            rollouts=tuple(
+                dataclasses.replace(
+                    r, logprobs=(r.logprobs - shifts.get(i, 0.0)).astype(np.float32)
+                )
+                for r in g.rollouts
+            ),
+        )
+        for i, g in enumerate(groups)
+    ]
+    staleness = {groups[i].group_id: lag for i, lag in (lags or {}).items()}
+    return collate(groups, pad_id=p.pad_id, max_len=128, staleness=staleness)
+
+
+def proximal_logprobs(p: Learner, batch: TrainBatch) -> torch.Tensor:
+    """The proximal policy's log-probs, computed here independently of train_step."""
+    t = p.config.rollout.temperature
+    return score_tokens(
+        p.model, batch.input_ids, batch.attention_mask, micro_batch=64, temperature=t
+    ).logprobs
+
+
+class Updates:
+    """Spies on train_step: the rows of each mini-batch, and the inputs and statistics of
+    every loss call (one per update with micro-batches larger than a mini-batch)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.minis: list[torch.Tensor] = []
+        self.calls: list[tuple[LossInputs, Any]] = []
+        real_loss, real_minis = step_module.policy_loss, step_module.mini_batches
+
+        def loss(x: LossInputs, objective: AlgorithmConfig) -> Any:
+            out = real_loss(x, objective)
+            self.calls.append((x, out[1]))
+            return out
+
+        def minis(*args: Any) -> list[torch.Tensor]:
+            self.minis = real_minis(*args)
+            return self.minis
+
+        monkeypatch.setattr(step_module, "policy_loss", loss)
+        monkeypatch.setattr(step_module, "mini_batches", minis)
+
+    def rows(self, k: int) -> torch.Tensor:
+        return self.minis[k % len(self.minis)]
+
+
+def test_mini_batches_take_whole_groups_by_group_index() -> None:
+    index = torch.tensor([3, 0, 0, 1, 2, 3, 1, 2])
+    rows = step_module.mini_batches(index, 4, 2)
+    assert [r.tolist() for r in rows] == [[1, 2, 3, 6], [0, 4, 5, 7]]
+    assert [r.tolist() for r in step_module.mini_batches(index, 4, 0)] == [list(range(8))]
+    assert [r.tolist() for r in step_module.mini_batches(index, 4, 8)] == [list(range(8))]
+
+
+def test_the_objective_settings_are_checked_together(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = trainer_config(tiny_model_dir, tmp_path)
+    assert config.algorithm.mini_batch_groups == 8 and config.algorithm.tis_cap == 2.0
+    algo = config.algorithm
+    assert (algo.behaviour_correction, algo.is_level) == ("truncate", "token")
+    with pytest.raises(ConfigError, match=r"not a multiple of algorithm\.mini_batch_groups"):
+        trainer_config(
+            tiny_model_dir,
+            tmp_path,
+            trainer={"prompts_per_step": 12, "in_flight": 12},
+            algorithm={"mini_batch_groups": 8},
+        )
+    with pytest.raises(ConfigError, match='stale_policy = "drop"'):
+        trainer_config(tiny_model_dir, tmp_path, algorithm={"behaviour_correction": "off"})
+    trainer_config(
+        tiny_model_dir,
+        tmp_path,
+        trainer={"prompts_per_step": 12, "in_flight": 12, "stale_policy": "drop"},
+        algorithm={"mini_batch_groups": 3, "behaviour_correction": "off"},
+    )
+
+
+def test_four_mini_batches_clip_against_the_proximal_policy(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 groups in mini-batches of 2: four AdamW updates. Every update takes its ratio against
+    the proximal log-probs (the weights before the first update, computed here independently)
+    and weights its tokens against the engine's log-probs; the first update's ratio is exactly
+    1, and a large rate moves the policy far enough that later updates clip.
+
+    Two groups carry engine log-probs lower by 0.5 (one version stale): with the proximal and
+    behaviour log-probs swapped, the inputs would not match and the first update's ratio would
+    be e^0.5 on the first of them."""
+    p = policy(
+        tiny_model_dir,
+        tmp_path,
+        algorithm={"mini_batch_groups": 2, "kl_coef": 0.0},
+        optim={"lr": 1e-2, "weight_decay": 0.0},
+    )
+    batch = shifted_batch(p, 8, {1: 0.5, 6: 0.5}, {1: 1, 6: 1})
+    prox = proximal_logprobs(p, batch)
+    spy = Updates(monkeypatch)
+    m = train_step(p.model, p.optimizer, batch, p.config, ref_model=p.ref_model).metrics
+
+    assert m["updates"] == 4.0 and len(spy.minis) == 4 and len(spy.calls) == 4
+    assert {float(s["step"]) for s in p.optimizer.state.values()} == {4.0}
+    assert m["old_s"] is not None and m["old_s"] > 0.0  # a separate proximal pass
+    for k, (x, _) in enumerate(spy.calls):
+        rows, cols = spy.rows(k), slice(0, x.mask.shape[1])
+        mask = batch.response_mask[rows, cols]
+        assert torch.equal(x.mask, mask)
+        torch.testing.assert_close(x.old_logprobs[mask], prox[rows, cols][mask])
+        assert x.behaviour_logprobs is not None
+        assert torch.equal(x.behaviour_logprobs[mask], batch.behaviour_logprobs[rows, cols][mask])
+    assert sorted(torch.cat(spy.minis).tolist()) == list(range(batch.size))
+
+    first = spy.calls[0][1]
+    assert first.ratio_min == first.ratio_max == 1.0
+    later = [stats for _, stats in spy.calls[1:]]
+    assert max(s.ratio_max for s in later) > 1.3 or min(s.ratio_min for s in later) < 0.8
+    assert m["clip_frac"] > 0.0 and m["ratio_max"] > 1.0
+    # The shifted groups weigh e^0.5 per token, the others about 1, none capped.
+    assert m["tis_weight_mean"] > 1.05 and m["tis_clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "level", "groups_per_update"),
+    [
+        ("truncate", "token", 0),
+        ("mask", "token", 2),
+        ("truncate", "sequence", 2),
+        ("mask", "sequence", 0),
+    ],
+)
+def test_stale_groups_get_behaviour_weights_capped_at_the_cap(
+    tiny_model_dir: Path, tmp_path: Path, mode: str, level: str, groups_per_update: int
+) -> None:
+    """Every group is weighted by pi_prox / mu, truncated or masked at tis_cap, whether or not
+    it is past trainer.max_staleness. Two groups within the bound were sampled by older
+    policies (engine log-probs lower by 0.5 and by 1.0: e^0.5 is under the cap of 2, e^1 is
+    over it). The weights are computed here from independently scored proximal log-probs;
+    swapped (mu / pi_prox) they would be e^-0.5 and e^-1, never capped."""
+    p = policy(
+        tiny_model_dir,
+        tmp_path,
+        algorithm={
+            "behaviour_correction": mode,
+            "is_level": level,
+            "mini_batch_groups": groups_per_update,
+            "tis_cap": 2.0,
+        },
+    )
+    batch = shifted_batch(p, 6, {1: 0.5, 4: 1.0}, {1: 1, 4: 2})
+    assert not batch.correct.any()  # all within max_staleness
+    mask = batch.response_mask
+    log_w = torch.where(mask, proximal_logprobs(p, batch) - batch.behaviour_logprobs, 0.0)
+    if level == "sequence":
+        log_w = torch.where(mask, log_w.sum(-1, keepdim=True), 0.0)
+    capped = log_w > math.log(2.0)
+    w = torch.exp(log_w).clamp(max=2.0) if mode == "truncate" else torch.exp(log_w) * ~capped
+    assert capped[mask].any() and (w[mask] != 1.0).any()
+
+    m = _train(p, batch)
+    assert m["updates"] == (3.0 if groups_per_update == 2 else 1.0)
+    assert m["tis_weight_mean"] == pytest.approx(float(w[mask].mean()), rel=1e-5)
+    assert m["tis_clip_frac"] == pytest.approx(float(capped[mask].float().mean()), rel=1e-5)
+    # Trainer-versus-engine KL per version lag: k3 = r - 1 - log r with r = e^shift.
+    assert m["mismatch_kl_lag0"] is not None and m["mismatch_kl_lag0"] < 1e-6
+    assert m["mismatch_kl_lag1"] == pytest.approx(math.exp(0.5) - 1.5, rel=1e-3)
+    assert m["mismatch_kl_lag2plus"] == pytest.approx(math.exp(1.0) - 2.0, rel=1e-3)
+
+
+def _train(p: Learner, batch: TrainBatch) -> dict[str, float | None]:
+    return train_step(p.model, p.optimizer, batch, p.config, ref_model=p.ref_model).metrics
+
+
+def test_masked_tokens_give_no_policy_gradient(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Every group sampled by a policy far from the proximal one (weight e > cap 2): the mask
+    mode removes all of them from the gradient, the truncating mode keeps them at weight 2."""
+
+    def step(mode: str) -> tuple[dict[str, float | None], bool]:
+        p = with_sgd(
+            policy(
+                tiny_model_dir,
+                tmp_path,
+                algorithm={"behaviour_correction": mode, "kl_coef": 0.0},
+            )
+        )
+        batch = shifted_batch(p, 4, dict.fromkeys(range(4), 1.0))
+        before = params(p)
+        m = _train(p, batch)
+        moved = any(not torch.equal(t, before[n]) for n, t in p.model.named_parameters())
+        return m, moved
+
+    masked, moved = step("mask")
+    assert masked["tis_clip_frac"] == 1.0 and masked["tis_weight_mean"] == 0.0
+    assert masked["grad_norm"] == 0.0 and not moved
+    truncated, moved = step("truncate")
+    assert truncated["tis_weight_mean"] == pytest.approx(2.0) and truncated["tis_clip_frac"] == 1.0
+    assert truncated["grad_norm"] and truncated["grad_norm"] > 0.0 and moved

@@ -48,6 +48,9 @@ class TaskConfig(_Section):
     eval_dataset: str = Field(
         "", description="Held-out set; empty means the task's built-in split."
     )
+    ood_dataset: str = Field(
+        "", description="Out-of-domain held-out set; empty means the built-in task's, if any."
+    )
     max_reward: float = Field(1.0, gt=0.0, le=1e6, description="Maximum reward of one rollout.")
     success_threshold: float | None = Field(
         None, description="Reward counted as success; None means >= max_reward."
@@ -60,7 +63,14 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature.")
     top_p: float = Field(0.99, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(32, ge=1, le=65536, description="Max generated tokens per rollout.")
-    eval_temperature: float = Field(0.0, ge=0.0, le=10.0, description="Temperature for eval.")
+    # The paper evaluates at temperature 0.5, top-p 0.95; it does not say how many samples.
+    eval_temperature: float = Field(
+        0.5, ge=0.0, le=10.0, description="Temperature of the sampled evaluation."
+    )
+    eval_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Top-p of the sampled evaluation.")
+    eval_samples: int = Field(
+        4, ge=0, le=128, description="k: samples per problem in the sampled evaluation; 0 off."
+    )
 
 
 class AlgorithmConfig(_Section):
@@ -78,11 +88,19 @@ class AlgorithmConfig(_Section):
     )
     kl_coef: float = Field(1e-2, ge=0.0, le=10.0, description="KL-to-reference loss weight; 0 off.")
     kl_type: Literal["k1", "k3", "low_var_kl"] = Field("low_var_kl", description="KL estimator.")
-    tis_cap: float | None = Field(
-        2.0, gt=0.0, description="Truncated importance-sampling cap for stale data; None off."
+    behaviour_correction: Literal["truncate", "mask", "off"] = Field(
+        "truncate",
+        description="Weight pi_prox/pi_behaviour of every token: capped, zeroed above the cap, off.",
     )
+    is_level: Literal["token", "sequence"] = Field(
+        "token", description="Behaviour weight per token, or one per sequence (product of ratios)."
+    )
+    tis_cap: float = Field(2.0, gt=0.0, le=1e6, description="Cap of the behaviour weight.")
     dapo_filter: bool = Field(False, description="Drop groups whose rewards are all equal.")
-    ppo_epochs: int = Field(1, ge=1, le=16, description="Optimisation passes per batch.")
+    mini_batch_groups: int = Field(
+        8, ge=0, le=65536, description="Groups per optimiser update; 0: one update per batch."
+    )
+    ppo_epochs: int = Field(1, ge=1, le=16, description="Passes over the mini-batches per batch.")
 
     @model_validator(mode="after")
     def _dapo_defaults(self) -> AlgorithmConfig:
@@ -120,7 +138,7 @@ class TrainerConfig(_Section):
     )
     max_staleness: int = Field(2, ge=0, le=1000, description="Max policy versions behind.")
     stale_policy: Literal["drop", "correct"] = Field(
-        "correct", description="Too-stale groups: drop, or keep with truncated IS correction."
+        "correct", description="Groups past max_staleness: drop, or keep (behaviour-corrected)."
     )
     checkpoint_every: int = Field(10, ge=1, le=1_000_000, description="Steps between checkpoints.")
     keep_versions: int = Field(3, ge=1, le=1000, description="Weight versions kept in the store.")
@@ -138,6 +156,15 @@ class TrainerConfig(_Section):
         0, ge=0, le=1024, description="torch threads of the trainer process; 0: one per core."
     )
     seed: int = Field(0, ge=0, description="Torch seed.")
+    nproc: int = Field(
+        1, ge=1, le=1024, description="Trainer ranks on this node (torchrun; FSDP2 sharding)."
+    )
+    max_restarts: int = Field(
+        3, ge=0, le=1000, description="torchrun restarts of the ranks after a failure."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute decoder-layer activations in the backward pass."
+    )
 
 
 class BusConfig(_Section):
@@ -198,6 +225,25 @@ class RunConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
+
+    @model_validator(mode="after")
+    def _objective_fits_the_batch(self) -> RunConfig:
+        # Rules across sections, so that a run cannot start with a combination it cannot honour.
+        per_step, mini = self.trainer.prompts_per_step, self.algorithm.mini_batch_groups
+        if 0 < mini < per_step and per_step % mini:
+            divisors = [d for d in range(1, per_step) if per_step % d == 0]
+            raise ValueError(
+                f"trainer.prompts_per_step = {per_step} is not a multiple of "
+                f"algorithm.mini_batch_groups = {mini}: every update takes the same number of "
+                f"groups. Choose one of {divisors[-3:]}, or 0 for one update per batch"
+            )
+        if self.trainer.stale_policy == "correct" and self.algorithm.behaviour_correction == "off":
+            raise ValueError(
+                'trainer.stale_policy = "correct" keeps groups past trainer.max_staleness only '
+                'with a behaviour correction: set algorithm.behaviour_correction to "truncate" '
+                'or "mask", or trainer.stale_policy = "drop"'
+            )
+        return self
 
 
 class ConfigError(ValueError):

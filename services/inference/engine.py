@@ -76,6 +76,9 @@ def engine_kwargs(config: RunConfig, model: str, *, on_cuda: bool) -> dict[str, 
         "worker_extension_cls": EXTENSION_CLS,
         "seed": config.task.seed,
         "disable_log_stats": True,
+        # Log-probs of the distribution the token was sampled from (after temperature and
+        # top-p), the behaviour policy the trainer corrects for (docs/trainer.md).
+        "logprobs_mode": "processed_logprobs",
     }
     if on_cuda:
         kwargs["dtype"] = "auto" if config.model.dtype == "auto" else config.model.dtype

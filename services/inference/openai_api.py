@@ -8,6 +8,7 @@ Each response also says which weight version produced it (``weight_version`` and
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
@@ -92,18 +93,22 @@ def _logprobs_block(completion: CompletionOutput, top: int, tokenizer: Any) -> d
         for i in missing:
             strings[i] = decoded[flat.token_ids[i]]
     tokens: list[str] = []
-    token_logprobs: list[float] = []
+    token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float]] = []
     offsets: list[int] = []
     offset = 0
     for start, end in zip(flat.start_indices, flat.end_indices, strict=True):
         text = strings[start] or ""
         tokens.append(text)
-        token_logprobs.append(flat.logprobs[start])
+        # Log-probs are after temperature and top-p: a candidate outside the nucleus has -inf,
+        # which JSON cannot carry, so it is left out (and a sampled one can never have it).
+        sampled = flat.logprobs[start]
+        token_logprobs.append(sampled if math.isfinite(sampled) else None)
         top_logprobs.append(
             {
                 strings[k] or "": flat.logprobs[k]
                 for k in range(start + 1, min(end, start + 1 + top))
+                if math.isfinite(flat.logprobs[k])
             }
         )
         offsets.append(offset)

@@ -49,6 +49,8 @@ PRESETS: dict[str, ModelShape] = {
     "50m": ModelShape(768, 8, 12, 4, 3072, 1024),
     # The body of Qwen2.5-0.5B (24 layers, 896 hidden, GQA 14/2): GPU checks.
     "0.5b": ModelShape(896, 24, 14, 2, 4864, 2048),
+    # The body of Qwen2.5-1.5B (28 layers, 1536 hidden, GQA 12/2), ~1.3B parameters: GPU checks.
+    "1.5b": ModelShape(1536, 28, 12, 2, 8960, 2048),
 }
 
 

@@ -1,10 +1,13 @@
 """Held-out accuracy of a model, a checkpoint, a run, or a running inference service.
 
 ``mapo eval TARGET`` answers one question the same way for every target: which share of the
-held-out problems does the policy solve with greedy decoding? Local targets are decoded with
-transformers by the trainer's own evaluation (so the number matches the trainer's
-``eval_accuracy``); an ``http://`` target is asked through its OpenAI-compatible completions API
-at temperature 0. Both use the task's exact-match rule.
+held-out problems does the policy solve? The headline is greedy decoding; beside it come the
+paper's sampled accuracy (the mean over ``rollout.eval_samples`` completions per problem at
+``rollout.eval_temperature`` and ``rollout.eval_top_p``) and the same two numbers on the task's
+out-of-domain problems, when it has them. Local targets are decoded with transformers by the
+trainer's own evaluation (so the greedy number matches the trainer's ``eval_accuracy``); an
+``http://`` target is asked through its OpenAI-compatible completions API. Both use the task's
+exact-match rule.
 
 A local TARGET may be an HF model directory (a checkpoint's ``model/`` included), a weight-store
 version (``weights/v00000012``), a weight store (its newest version), or a run directory written
@@ -20,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,8 @@ from services.core.tasks import Example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from services.trainer.evaluation import Sampling
 
 #: Enough new tokens for any answer of the built-in task plus eos, with room to spare.
 MAX_NEW_TOKENS = 8
@@ -43,6 +48,83 @@ def accuracy(
     from services.trainer.evaluation import evaluate
 
     return evaluate(model, tokenizer, examples, max_new_tokens=MAX_NEW_TOKENS).accuracy
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """What a policy is scored on: the held-out test problems, the out-of-domain ones (maybe
+    none), and how the sampled evaluation decodes (None: greedy only)."""
+
+    test: list[Example]
+    ood: list[Example]
+    sampling: Sampling | None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A policy's held-out accuracies; greedy in-domain accuracy is the headline number."""
+
+    accuracy: float
+    sampled_accuracy: float | None = None
+    ood_accuracy: float | None = None
+    ood_sampled_accuracy: float | None = None
+
+    def fields(self, prefix: str) -> dict[str, float | None]:
+        """The scores as summary fields: ``initial_accuracy``, ``initial_ood_accuracy``..."""
+        return {f"{prefix}_{name}": value for name, value in asdict(self).items()}
+
+    def describe(self) -> str:
+        """One line: greedy first, then what else was measured."""
+        parts = [f"{self.accuracy:.1%} greedy"]
+        if self.sampled_accuracy is not None:
+            parts[0] += f", {self.sampled_accuracy:.1%} sampled"
+        if self.ood_accuracy is not None:
+            ood = f"out-of-domain {self.ood_accuracy:.1%} greedy"
+            if self.ood_sampled_accuracy is not None:
+                ood += f", {self.ood_sampled_accuracy:.1%} sampled"
+            parts.append(ood)
+        return "; ".join(parts)
+
+
+def sampling_of(config: RunConfig) -> Sampling | None:
+    """The config's sampled evaluation, or None when it is off (no samples, or temperature 0)."""
+    from services.trainer.evaluation import Sampling
+
+    rollout = config.rollout
+    if rollout.eval_samples < 1 or rollout.eval_temperature <= 0.0:
+        return None
+    return Sampling(
+        rollout.eval_samples, rollout.eval_temperature, rollout.eval_top_p, config.task.seed
+    )
+
+
+def eval_sets(config: RunConfig, limit: int | None = None) -> EvalSets:
+    """The config's held-out and out-of-domain problems (the first ``limit`` of each)."""
+    from services.trainer.dataset import ood_examples
+
+    ood = ood_examples(
+        config.task.dataset, config.task.ood_dataset, config.task.name, config.task.seed
+    )
+    return EvalSets(held_out(config)[:limit], ood[:limit], sampling_of(config))
+
+
+def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sets: EvalSets) -> Scores:
+    """Greedy and sampled accuracy, in-domain and out-of-domain, of a loaded policy."""
+    from services.trainer.evaluation import sampled_accuracy
+
+    def sampled(examples: Sequence[Example]) -> float | None:
+        if sets.sampling is None or not examples:
+            return None
+        return sampled_accuracy(
+            model, tokenizer, examples, sets.sampling, max_new_tokens=MAX_NEW_TOKENS
+        )
+
+    return Scores(
+        accuracy=accuracy(model, tokenizer, sets.test),
+        sampled_accuracy=sampled(sets.test),
+        ood_accuracy=accuracy(model, tokenizer, sets.ood) if sets.ood else None,
+        ood_sampled_accuracy=sampled(sets.ood),
+    )
 
 
 @dataclass(frozen=True)
@@ -75,6 +157,12 @@ def resolve_target(target: Path, base_model: Path | None) -> LocalModel:
     if (target / "model" / "config.json").is_file():  # a run directory
         weights = target / "weights"
         return LocalModel(target / "model", _newest_version(weights) if weights.is_dir() else None)
+    has_base = base_model is not None and (base_model / "config.json").is_file()
+    if (target / "weights").is_dir() and has_base and (target / "config.toml").is_file():
+        # A run that started from model.path (as every run of `mapo compare` does): its own
+        # config.toml names the model, its weights/ holds the trained versions.
+        assert base_model is not None
+        return LocalModel(base_model, _newest_version(target / "weights"))
     is_version = (target / MANIFEST_FILE).is_file()
     is_store = (target / LATEST_FILE).is_file() or bool(list_versions(target))
     if is_version or is_store:
@@ -150,15 +238,27 @@ def _post_json(url: str, body: dict[str, Any], timeout_s: float) -> dict[str, An
 
 
 def service_accuracy(
-    base_url: str, examples: Sequence[Example], timeout_s: float = 120.0
+    base_url: str,
+    examples: Sequence[Example],
+    timeout_s: float = 120.0,
+    sampling: Sampling | None = None,
 ) -> tuple[float, str]:
-    """Greedy accuracy through a running service's completions API; (accuracy, model name)."""
+    """Accuracy through a running service's completions API, greedy or (with ``sampling``)
+    the mean over its samples; (accuracy, model name)."""
     from services.trainer.evaluation import is_correct
 
     base = base_url.rstrip("/")
     with urllib.request.urlopen(base + "/v1/models", timeout=timeout_s) as reply:
         models = json.loads(reply.read())
     name = str(models["data"][0]["id"])
+    decode: dict[str, Any] = {"temperature": 0.0, "n": 1}
+    if sampling is not None:
+        decode = {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "n": sampling.samples,
+            "seed": sampling.seed,
+        }
     hits = 0
     for lo in range(0, len(examples), HTTP_BATCH):
         chunk = examples[lo : lo + HTTP_BATCH]
@@ -166,12 +266,27 @@ def service_accuracy(
             "model": name,
             "prompt": [e.prompt for e in chunk],
             "max_tokens": MAX_NEW_TOKENS,
-            "temperature": 0.0,
+            **decode,
         }
         choices = _post_json(base + "/v1/completions", body, timeout_s)["choices"]
         texts = [c["text"] for c in sorted(choices, key=lambda c: int(c["index"]))]
-        hits += sum(is_correct(t, e.answer) for t, e in zip(texts, chunk, strict=True))
-    return (hits / len(examples) if examples else 0.0), name
+        answers = [e.answer for e in chunk for _ in range(int(decode["n"]))]
+        hits += sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))
+    total = len(examples) * int(decode["n"])
+    return (hits / total if total else 0.0), name
+
+
+def service_scores(base_url: str, sets: EvalSets) -> tuple[Scores, str]:
+    """:class:`Scores` of a running service; (scores, model name)."""
+    acc, name = service_accuracy(base_url, sets.test)
+
+    def sampled(examples: Sequence[Example]) -> float | None:
+        if sets.sampling is None or not examples:
+            return None
+        return service_accuracy(base_url, examples, sampling=sets.sampling)[0]
+
+    ood = service_accuracy(base_url, sets.ood)[0] if sets.ood else None
+    return Scores(acc, sampled(sets.test), ood, sampled(sets.ood)), name
 
 
 def _eval_config(args: argparse.Namespace, config: RunConfig, target: Path) -> RunConfig:
@@ -182,19 +297,39 @@ def _eval_config(args: argparse.Namespace, config: RunConfig, target: Path) -> R
     return config
 
 
+def report_lines(scores: Scores, sets: EvalSets, task: str) -> list[str]:
+    """What ``mapo eval`` prints after its headline: the sampled and out-of-domain scores."""
+    lines = []
+    if scores.sampled_accuracy is not None and sets.sampling is not None:
+        k = sets.sampling
+        lines.append(
+            f"sampled accuracy {scores.sampled_accuracy:.1%} (mean of {k.samples} samples per "
+            f"problem at temperature {k.temperature:g}, top-p {k.top_p:g})"
+        )
+    if scores.ood_accuracy is not None:
+        line = (
+            f"out-of-domain accuracy {scores.ood_accuracy:.1%} ({len(sets.ood)} {task} "
+            "problems, greedy)"
+        )
+        if scores.ood_sampled_accuracy is not None:
+            line += f"; sampled {scores.ood_sampled_accuracy:.1%}"
+        lines.append(line)
+    return lines
+
+
 def cli_eval(args: argparse.Namespace, config: RunConfig) -> int:
-    """``mapo eval TARGET [--limit N]``: print held-out accuracy and exit 0."""
+    """``mapo eval TARGET [--limit N]``: print held-out accuracies and exit 0."""
     target_text: str = args.target
     started = time.monotonic()
     if target_text.startswith(("http://", "https://")):
-        examples = held_out(config)[: args.limit]
-        if not examples:
+        sets = eval_sets(config, args.limit)
+        if not sets.test:
             print(
                 "mapo eval: the config names no held-out set (task.eval_dataset)", file=sys.stderr
             )
             return 2
         try:
-            acc, what = service_accuracy(target_text, examples)
+            scores, what = service_scores(target_text, sets)
         except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
             print(
                 f"mapo eval: {target_text} did not answer the completions API ({exc}).\n"
@@ -214,8 +349,8 @@ def cli_eval(args: argparse.Namespace, config: RunConfig) -> int:
         except ConfigError as exc:
             print(f"mapo eval: {exc}", file=sys.stderr)
             return 2
-        examples = held_out(config)[: args.limit]
-        if not examples:
+        sets = eval_sets(config, args.limit)
+        if not sets.test:
             print(
                 "mapo eval: the config names no held-out set (task.eval_dataset)", file=sys.stderr
             )
@@ -226,11 +361,14 @@ def cli_eval(args: argparse.Namespace, config: RunConfig) -> int:
         except ValueError as exc:
             print(f"mapo eval: {exc}", file=sys.stderr)
             return 2
-        acc = accuracy(model, tokenizer, examples)
+        scores = score(model, tokenizer, sets)
         what = policy.describe()
     seconds = time.monotonic() - started
+    acc, n = scores.accuracy, len(sets.test)
     print(
-        f"held-out accuracy {acc:.1%} ({round(acc * len(examples))}/{len(examples)} "
+        f"held-out accuracy {acc:.1%} ({round(acc * n)}/{n} "
         f"{config.task.name} problems, greedy) of {what} in {seconds:.1f} s"
     )
+    for line in report_lines(scores, sets, config.task.name):
+        print(line)
     return 0

@@ -168,6 +168,20 @@ def _warm_start_cell(summary: Mapping[str, Any]) -> str:
     return cell
 
 
+def _other_accuracies(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Rows for the sampled and out-of-domain accuracies a run measured: 'start -> end'."""
+    rows = []
+    for key, label in (
+        ("sampled_accuracy", "sampled accuracy"),
+        ("ood_accuracy", "out-of-domain accuracy"),
+        ("ood_sampled_accuracy", "out-of-domain, sampled"),
+    ):
+        start, end = _num(summary, f"initial_{key}"), _num(summary, f"final_{key}")
+        if start is not None and end is not None:
+            rows.append((label, f"{100 * start:.1f}% -> {100 * end:.1f}%"))
+    return rows
+
+
 def summary_table(summary: Mapping[str, Any]) -> str:
     """The end-of-run table a person reads first."""
     initial = float(summary["initial_accuracy"])
@@ -177,6 +191,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         ("initial held-out accuracy", f"{100 * initial:.1f}%"),
         ("final held-out accuracy", f"{100 * final:.1f}%"),
         ("change", f"{100 * (final - initial):+.1f} points"),
+        *_other_accuracies(summary),
         ("RL steps", f"{summary['steps']}"),
         ("estimator", f"{summary.get('estimator', '-')}"),
         ("inference replicas", f"{summary.get('replicas', '-')}"),

@@ -1,12 +1,13 @@
 """``mapo up``: the whole stack on one machine, from nothing to a trained model and a report.
 
-In order: warm-start the demo model (or reuse it), measure its held-out accuracy, start a
-private Redis (or use REDIS_URL), the reward service, N inference replicas and the trainer as
-separate processes that talk only through the bus, gRPC and the weight store; follow the
-trainer's metrics with a progress line; measure held-out accuracy again on the same problems
-with the same greedy decoding; stop everything; print a table and write ``summary.json`` and
-``learning_curve.png`` into the run directory. Ctrl-C, SIGTERM or a failing piece stop every
-process this command started, and a piece that cannot start is reported with its fix.
+In order: warm-start the demo model (or reuse it), measure its held-out accuracy (greedy and
+sampled, in-domain and out-of-domain), start a private Redis (or use REDIS_URL), the reward
+service, N inference replicas and the trainer as separate processes that talk only through
+the bus, gRPC and the weight store; follow the trainer's metrics with a progress line; measure
+the same accuracies again on the same problems with the same decoding; stop everything; print
+a table and write ``summary.json`` and ``learning_curve.png`` into the run directory. Ctrl-C,
+SIGTERM or a failing piece stop every process this command started, and a piece that cannot
+start is reported with its fix.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
 from services.core.config import ConfigError, RunConfig, load_config
-from services.core.tasks import Example
 from services.stack.processes import (
     Child,
     StartError,
@@ -47,6 +48,10 @@ from services.stack.progress import (
     summary_table,
     write_summary,
 )
+
+if TYPE_CHECKING:
+    from services.stack.evaluate import EvalSets, Scores
+    from services.stack.warmstart import WarmStartSettings
 
 DEFAULT_RUN_DIR = "runs/demo"
 DEMO_CONFIG = "configs/demo.toml"
@@ -83,6 +88,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         extra.append(f"algorithm.estimator={args.estimator}")
     if args.seed is not None:
         extra += [f"task.seed={args.seed}", f"trainer.seed={args.seed}"]
+    if getattr(args, "nproc", None) is not None:
+        extra.append(f"trainer.nproc={args.nproc}")  # travels to the trainer in its config
     return load_config(path, overrides=extra), path
 
 
@@ -165,14 +172,14 @@ def trainer_threads(config: RunConfig, replicas: int, cores: int | None = None) 
 
     Every process of the stack shares the machine, and a torch or OpenMP team with a thread
     per core in each of them oversubscribes it (threads spin while waiting for each other). So
-    each engine keeps its ``inference.cpu_threads`` and the trainer takes the rest, at least
-    one; a value set in the config is kept.
+    each engine keeps its ``inference.cpu_threads`` and the trainer takes the rest, split
+    over its ``trainer.nproc`` ranks, at least one each; a value set in the config is kept.
     """
     if config.trainer.cpu_threads:
         return config.trainer.cpu_threads
     cores = cores or os.cpu_count() or 1
     engines = replicas * (config.inference.cpu_threads or cores)
-    return max(1, cores - engines)
+    return max(1, (cores - engines) // config.trainer.nproc)
 
 
 @contextlib.contextmanager
@@ -321,17 +328,20 @@ def follow_training(
     return follower.records
 
 
-def evaluate_policy(model_dir: Path, store: Path | None, examples: list[Example]) -> float:
-    """Greedy held-out accuracy of the model, with the newest version of ``store`` if any."""
-    from services.stack.evaluate import accuracy, load_policy, newest_weights
+def evaluate_policy(model_dir: Path, store: Path | None, sets: EvalSets) -> Scores:
+    """Held-out accuracies of the model, with the newest version of ``store`` if any."""
+    from services.stack.evaluate import load_policy, newest_weights, score
 
     policy = newest_weights(model_dir, store)
     model, tokenizer = load_policy(policy.model_dir, policy.version_dir)
-    return accuracy(model, tokenizer, examples)
+    return score(model, tokenizer, sets)
 
 
-def starting_model(config: RunConfig, run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The starting policy: the configured model, or the warm-started demo model."""
+def starting_model(
+    config: RunConfig, run_dir: Path, warm: WarmStartSettings | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The starting policy: the configured model, or the demo model warm-started (with
+    ``warm``, or the task's defaults) into ``run_dir/model``."""
     if "path" in config.model.model_fields_set:
         path = Path(config.model.path)
         if not (path / "config.json").is_file():
@@ -348,7 +358,7 @@ def starting_model(config: RunConfig, run_dir: Path) -> tuple[Path, dict[str, An
             "the demo model is warm-started on a built-in task only",
             fix="set model.path to your own model for a dataset file",
         )
-    settings = WarmStartSettings(
+    settings = warm or WarmStartSettings(
         task=config.task.dataset.removeprefix("builtin:"), seed=config.task.seed
     )
     result = warm_start(run_dir / "model", settings)
@@ -397,11 +407,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_interrupt():
             model_dir, warm = starting_model(base, run_dir)
-            from services.stack.evaluate import held_out
+            from services.stack.evaluate import eval_sets
 
-            examples = held_out(base)
-            initial = evaluate_policy(model_dir, None, examples)
-            print(f"initial held-out accuracy: {initial:.1%} on {len(examples):,} problems")
+            sets = eval_sets(base)
+            initial = evaluate_policy(model_dir, None, sets)
+            print(
+                f"initial held-out accuracy: {initial.accuracy:.1%} on {len(sets.test):,} "
+                f"problems ({initial.describe()})"
+            )
 
             redis = ensure_redis(run_dir / "redis")
             if redis.child is None:
@@ -431,24 +444,29 @@ def run(args: argparse.Namespace) -> int:
             stack = None
             redis.stop()
             redis = None
-            final = evaluate_policy(model_dir, Path(config.weights.store), examples)
+            final = evaluate_policy(model_dir, Path(config.weights.store), sets)
             steps = max([int(r.get("step", 0)) for r in records] + [0])
             summary = {
-                "initial_accuracy": initial,
-                "final_accuracy": final,
-                "accuracy_gain": final - initial,
+                **initial.fields("initial"),
+                **final.fields("final"),
+                "accuracy_gain": final.accuracy - initial.accuracy,
                 "steps": steps,
                 "seconds": round(time.monotonic() - t0, 1),
                 "rl_seconds": round(rl_seconds, 1),
                 "estimator": config.algorithm.estimator,
                 "replicas": args.replicas,
-                "eval_problems": len(examples),
+                "eval_problems": len(sets.test),
+                "ood_problems": len(sets.ood),
+                "eval_sampling": None if sets.sampling is None else asdict(sets.sampling),
+                "model": str(model_dir),
                 "seed": config.task.seed,
                 "config": str(config_file),
                 **warm,
             }
             write_summary(run_dir, summary)
-            plot_learning_curve(run_dir / CURVE_FILE, records, initial, (steps, final))
+            plot_learning_curve(
+                run_dir / CURVE_FILE, records, initial.accuracy, (steps, final.accuracy)
+            )
             print(summary_table(summary))
             print(f"summary: {run_dir / 'summary.json'}; curve: {run_dir / CURVE_FILE}")
             return 0

@@ -26,7 +26,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +84,20 @@ def split_validation(train: Sequence[Example], count: int) -> tuple[list[Example
     if not 0 < count < len(train):
         raise ValueError(f"val_problems={count} must be between 1 and {len(train) - 1}")
     return list(train[:-count]), list(train[-count:])
+
+
+def batch_indices(count: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless mini-batches of ``range(count)``: a fresh shuffle each pass, drawn from a
+    generator of its own seeded with ``seed``, so the batches depend on the seed alone."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor = torch.randperm(count, generator=generator), 0
+    while True:
+        if cursor + batch_size > count:
+            order, cursor = torch.randperm(count, generator=generator), 0
+        yield order[cursor : cursor + batch_size]
+        cursor += batch_size
 
 
 def band_distance(accuracy: float, low: float, high: float) -> float:
@@ -145,15 +159,12 @@ def train(
     input_ids, labels = encode_examples(tokenizer, train_set)
     pad = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-    order = torch.randperm(len(input_ids))
+    batches = batch_indices(len(input_ids), settings.batch_size, settings.seed)
     start = time.monotonic()
-    step, cursor = 0, 0
+    step = 0
     best: tuple[float, int, float, dict[str, torch.Tensor]] | None = None
     while True:
-        if cursor + settings.batch_size > len(order):
-            order, cursor = torch.randperm(len(input_ids)), 0
-        idx = order[cursor : cursor + settings.batch_size]
-        cursor += settings.batch_size
+        idx = next(batches)
         model.train()
         batch, target = input_ids[idx], labels[idx]
         loss = model(input_ids=batch, attention_mask=(batch != pad).long(), labels=target).loss

@@ -9,19 +9,31 @@ Layout under ``{run_dir}/checkpoints``::
                                      ledger, optimiser hyper-parameters, sha256 of every file
     LATEST                           the newest step (a hint; the directory scan decides)
 
+That is the layout of a single process (format 1). A trainer of several ranks (format 2) writes
+the model and the optimiser with ``torch.distributed.checkpoint`` instead, each rank its own
+shards, into ``shards/`` (no ``model/``, no ``optimizer.safetensors``); rank 0 writes
+``rng.safetensors`` and ``state.json``. Both formats load on any number of ranks: a sharded
+checkpoint is resharded to the ranks that read it (one process included), and a single
+process's checkpoint is sharded as it is read.
+
 A checkpoint is written into a hidden temporary directory, every file fsynced, then renamed into
 place (:class:`~services.weights.versions.VersionedDirs`), so a reader (or a resumed run after
 ``kill -9``) sees either the whole checkpoint or none of it. ``state.json`` lists the sha256 of
 every other file and :func:`latest_checkpoint` checks them, falling back to an older checkpoint
-if the newest is damaged. Nothing is pickled.
+if the newest is damaged. A single process's checkpoint pickles nothing; in a sharded one the
+shards hold tensors only (the optimiser's hyper-parameters are JSON in ``state.json``), and
+``shards/.metadata`` is torch's own index of them, a pickle: load checkpoints only from run
+directories you trust, as with any torch checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,7 +48,9 @@ STATE_FILE = "state.json"
 MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+SHARDS_DIR = "shards"
 FORMAT = 1
+SHARDED_FORMAT = 2
 KEEP = 2
 
 
@@ -99,9 +113,13 @@ def load_optimizer_state(
 # ----------------------------------------------------------------------------- RNG
 
 
-def rng_state(generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def rng_state(
+    generator: torch.Generator | None = None, *, cuda: bool = True
+) -> dict[str, torch.Tensor]:
+    """The RNG states; ``cuda=False`` leaves out the GPUs' (a rank of several touches only its
+    own GPU, and nothing in a step draws from a GPU's generator)."""
     out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if cuda and torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             out[f"cuda{i}"] = s
     if generator is not None:
@@ -109,9 +127,11 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, torch.Tenso
     return out
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], generator: torch.Generator | None) -> None:
+def set_rng_state(
+    tensors: dict[str, torch.Tensor], generator: torch.Generator | None, *, cuda: bool = True
+) -> None:
     torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available():
+    if cuda and torch.cuda.is_available():
         states = [
             tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors
         ]
@@ -156,21 +176,109 @@ def save_checkpoint(
         opt_tensors, opt_groups = optimizer_state(optimizer, names)
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
         save_file(rng_state(generator), str(tmp / RNG_FILE))
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            fsync_path(path)
-            files[str(path.relative_to(tmp))] = sha256_file(path)
-        body = {
-            "format": FORMAT,
-            "step": step,
-            "state": state,
-            "optimizer_groups": opt_groups,
-            "files": files,
-        }
-        atomic_write_json(tmp / STATE_FILE, body)
-        fsync_path(tmp / MODEL_DIR)
+        _seal(tmp, {"format": FORMAT, "step": step, "state": state, "optimizer_groups": opt_groups})
     checkpoints.prune(keep)
     return final
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    announce: Callable[[Path], None],
+    generator: torch.Generator | None = None,
+    keep: int = KEEP,
+) -> Path:
+    """Rank 0 of several: the checkpoint of ``step`` in the sharded format, atomically.
+
+    ``announce(tmp)`` tells the other ranks where to write their shards (they call
+    :func:`write_shards` on it); the directory is renamed into place only after every rank's
+    shards and ``state.json`` are on disk.
+    """
+    checkpoints = _checkpoints(run_dir)
+    final = checkpoints.path(step)
+    if final.exists():
+        raise CheckpointError(f"checkpoint {final} already exists")
+    with checkpoints.writing(step) as tmp:
+        announce(tmp)
+        groups = write_shards(tmp, model, optimizer)
+        save_file(rng_state(generator, cuda=False), str(tmp / RNG_FILE))
+        body = {"format": SHARDED_FORMAT, "step": step, "state": state, "optimizer_groups": groups}
+        _seal(tmp, body)
+    checkpoints.prune(keep)
+    return final
+
+
+def write_shards(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> list[dict[str, Any]]:
+    """Every rank: its shards of the weights and the AdamW moments into ``directory/shards``
+    (``torch.distributed.checkpoint``; a collective call). Returns the optimiser's
+    hyper-parameter groups, which go into ``state.json`` as JSON: the shards hold tensors only.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    shards: dict[str, Any] = {"model": model_state, "optimizer": optim_state["state"]}
+    save(shards, checkpoint_id=directory / SHARDS_DIR)
+    groups: list[dict[str, Any]] = cast(Any, optim_state["param_groups"])
+    return groups
+
+
+def _read_shards(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[Any]
+) -> None:
+    """Load a sharded checkpoint into the model and optimiser, resharded to this process's
+    share (the whole of it without a process group)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    shards: dict[str, Any] = {"model": model_state, "optimizer": optim_state["state"]}
+    with warnings.catch_warnings():
+        # One process reading shards: what torch warns it assumes is what is meant.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load(shards, checkpoint_id=directory / SHARDS_DIR)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=shards["model"],
+        optim_state_dict={"state": shards["optimizer"], "param_groups": groups},
+    )
+
+
+def _load_full_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, groups: list[Any]
+) -> None:
+    """A single process's optimiser file into a sharded optimiser (every rank reads it whole
+    and keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(directory / OPTIMIZER_FILE)).items():
+        name, _, slot = key.rpartition("::")
+        state.setdefault(name, {})[slot] = value
+    set_optimizer_state_dict(
+        model,
+        optimizer,
+        optim_state_dict=cast(Any, {"state": state, "param_groups": groups}),
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def _seal(tmp: Path, body: dict[str, Any]) -> None:
+    """fsync every file and write ``state.json`` with their sha256: the checkpoint is whole."""
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        fsync_path(path)
+        files[str(path.relative_to(tmp))] = sha256_file(path)
+    atomic_write_json(tmp / STATE_FILE, {**body, "files": files})
+    for directory in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
+        fsync_path(directory)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[int]:
@@ -190,7 +298,7 @@ def read_state(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         body: dict[str, Any] = json.loads((d / STATE_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{d} has no readable {STATE_FILE}: {exc}") from None
-    if body.get("format") != FORMAT:
+    if body.get("format") not in (FORMAT, SHARDED_FORMAT):
         raise CheckpointError(f"{d}: unsupported checkpoint format {body.get('format')!r}")
     if verify:
         for rel, sha in body["files"].items():
@@ -216,6 +324,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def weights_dir(path: str | Path) -> Path | None:
+    """The HF model directory of a single process's checkpoint; None for a sharded one (whose
+    weights :func:`load_training_state` loads)."""
+    model_dir = Path(path) / MODEL_DIR
+    return model_dir if model_dir.is_dir() else None
+
+
 def load_training_state(
     path: str | Path,
     model: nn.Module,
@@ -225,11 +340,28 @@ def load_training_state(
 ) -> dict[str, Any]:
     """Restore optimiser moments and RNGs into live objects; return the saved run state.
 
-    The model's weights are loaded separately from ``path/model`` (an HF directory), so the
-    policy is built exactly as a fresh run builds it.
+    A single process's checkpoint: the model's weights are loaded separately from
+    ``path/model`` (:func:`weights_dir`), so the policy is built exactly as a fresh run builds
+    it. A sharded checkpoint: the weights are loaded here too.
     """
+    from services.trainer.distributed import is_sharded
+
     d = Path(path)
     body = read_state(d, verify=False)
+    if body["format"] == SHARDED_FORMAT:
+        _read_shards(d, model, optimizer, body["optimizer_groups"])
+    elif is_sharded(model):
+        _load_full_optimizer(model, optimizer, d, body["optimizer_groups"])
+    else:
+        _load_optimizer_file(d, model, optimizer, body["optimizer_groups"])
+    set_rng_state(load_file(str(d / RNG_FILE)), generator, cuda=not is_sharded(model))
+    state: dict[str, Any] = body["state"]
+    return state
+
+
+def _load_optimizer_file(
+    d: Path, model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]
+) -> None:
     names = _param_names(model)
     device = next(model.parameters()).device
     # AdamW keeps its step counters on the CPU unless it runs in capturable mode.
@@ -237,7 +369,4 @@ def load_training_state(
         k: v if k.endswith("::step") else v.to(device)
         for k, v in load_file(str(d / OPTIMIZER_FILE)).items()
     }
-    load_optimizer_state(optimizer, names, tensors, body["optimizer_groups"])
-    set_rng_state(load_file(str(d / RNG_FILE)), generator)
-    state: dict[str, Any] = body["state"]
-    return state
+    load_optimizer_state(optimizer, names, tensors, groups)

@@ -1,7 +1,7 @@
 """The trainer's prompts: loaded from a file or a built-in task, issued in a resumable order.
 
-Sources (``task.dataset``): ``builtin:NAME`` (a built-in task's train split, or its held-out split
-for evaluation); a ``.jsonl`` / ``.json`` file; a ``.parquet`` file (needs ``pyarrow``); a
+Sources (``task.dataset``): ``builtin:NAME`` (a built-in task's train split, or its held-out or
+out-of-domain split for evaluation); a ``.jsonl`` / ``.json`` file; a ``.parquet`` file (needs ``pyarrow``); a
 directory written by ``datasets.save_to_disk`` (needs ``datasets``). Every record needs
 ``prompt`` and ``answer``; ``task`` defaults to ``task.name`` and ``id`` to the record's index.
 
@@ -90,9 +90,12 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
 
 
 def load_examples(spec: str, task: str, seed: int = 0, split: str = "train") -> list[Example]:
-    """Examples of ``spec`` (see the module docstring); ``split`` picks a built-in's half."""
+    """Examples of ``spec`` (see the module docstring); ``split`` picks a built-in's train,
+    held-out (any other name) or ``ood`` split."""
     if spec.startswith("builtin:"):
         built = load_builtin(spec.removeprefix("builtin:"), seed)
+        if split == "ood":
+            return list(built.ood)
         return list(built.train if split == "train" else built.eval)
     path = Path(spec)
     if not path.exists():
@@ -116,6 +119,16 @@ def eval_examples(dataset: str, eval_dataset: str, task: str, seed: int) -> list
         return load_examples(eval_dataset, task, seed, split="test")
     if dataset.startswith("builtin:"):
         return load_examples(dataset, task, seed, split="eval")
+    return []
+
+
+def ood_examples(dataset: str, ood_dataset: str, task: str, seed: int) -> list[Example]:
+    """The out-of-domain held-out set: ``ood_dataset`` when given, else a built-in task's
+    out-of-domain split; empty when there is neither."""
+    if ood_dataset:
+        return load_examples(ood_dataset, task, seed, split="test")
+    if dataset.startswith("builtin:"):
+        return load_examples(dataset, task, seed, split="ood")
     return []
 
 

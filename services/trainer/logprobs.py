@@ -1,12 +1,12 @@
 """Per-token log-probs (and entropy) of the sampled tokens under an HF causal LM.
 
 The policy being optimised is the one the rollouts were sampled from: ``softmax(logits / T)``
-with T the sampling temperature (T = 0, greedy, is treated as 1). vLLM 0.32 reports log-probs
-in its default ``logprobs_mode="raw_logprobs"``: the *untempered* distribution, before
-temperature and top-p. At T = 1 (the paper's setting) the two agree; otherwise the trainer also
-computes the raw log-probs (``with_raw``), so comparisons with the inference side (the mismatch
-metric and truncated importance sampling) compare like with like. Top-p truncation is not
-modelled: at the paper's top_p = 0.99 it moves a sampled token's log-prob by at most ~0.01.
+with T the sampling temperature (T = 0, greedy, is treated as 1). The inference engine reports
+the log-probs of the distribution it sampled from (vLLM's ``logprobs_mode =
+"processed_logprobs"``: after temperature and top-p), so every comparison with it (the mismatch
+metrics, the behaviour weights) is at the same temperature. The trainer does not renormalise
+over the top-p nucleus: the weight pi_prox / mu then carries the nucleus mass S >= top_p, which
+is the exact importance weight of the untruncated policy being trained (docs/trainer.md).
 
 Log-softmax runs in float32 whatever the model's compute dtype, and every call is micro-batched:
 each slice of rows is trimmed to its own longest sequence before the forward pass.
@@ -26,7 +26,6 @@ from torch import Tensor, nn
 class TokenScores:
     logprobs: Tensor  # float32 [B, L-1]: log-prob of token t+1 at column t, at temperature T
     entropy: Tensor | None  # float32 [B, L-1]: entropy of the tempered distribution
-    raw_logprobs: Tensor | None  # float32 [B, L-1]: at temperature 1 (only when T != 1)
 
 
 def effective_temperature(temperature: float) -> float:
@@ -54,14 +53,12 @@ def forward_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    with_raw: bool = False,
     amp_dtype: torch.dtype | None = None,
 ) -> TokenScores:
     """One forward pass over rows already trimmed to their longest sequence.
 
-    ``logprobs`` keeps the graph (when grad is enabled); the entropy and the raw log-probs are
-    diagnostics, always computed without one, so asking for them from a forward pass with grad
-    adds no backward work.
+    ``logprobs`` keeps the graph (when grad is enabled); the entropy is a diagnostic, always
+    computed without one, so asking for it from a forward pass with grad adds no backward work.
     """
     with autocast(input_ids.device, amp_dtype):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -72,15 +69,12 @@ def forward_logprobs(
     logp_all = torch.log_softmax(scaled, dim=-1)
     logprobs = logp_all.gather(-1, targets).squeeze(-1)
     entropy = None
-    raw = None
-    with torch.no_grad():
-        if with_entropy:
+    if with_entropy:
+        with torch.no_grad():
             # 0 * log 0 is NaN in floating point; its limit, 0, is the right term.
             lp = logp_all.detach()
             entropy = -(lp.exp() * lp).nan_to_num(0.0).sum(-1)
-        if with_raw and t != 1.0:
-            raw = torch.log_softmax(logits.detach(), dim=-1).gather(-1, targets).squeeze(-1)
-    return TokenScores(logprobs, entropy, raw)
+    return TokenScores(logprobs, entropy)
 
 
 @torch.no_grad()
@@ -92,7 +86,6 @@ def score_tokens(
     micro_batch: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    with_raw: bool = False,
     amp_dtype: torch.dtype | None = None,
 ) -> TokenScores:
     """Log-probs of a whole batch without gradients, ``micro_batch`` rows at a time."""
@@ -100,8 +93,6 @@ def score_tokens(
     shape = (b, width - 1)
     logprobs = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
     entropy = torch.zeros_like(logprobs) if with_entropy else None
-    raw_needed = with_raw and effective_temperature(temperature) != 1.0
-    raw = torch.zeros_like(logprobs) if raw_needed else None
     lengths = attention_mask.sum(-1)
     for rows in row_slices(b, micro_batch):
         n = max(int(lengths[rows].max()), 2)
@@ -111,12 +102,9 @@ def score_tokens(
             attention_mask[rows, :n],
             temperature=temperature,
             with_entropy=with_entropy,
-            with_raw=with_raw,
             amp_dtype=amp_dtype,
         )
         logprobs[rows, : n - 1] = out.logprobs
         if entropy is not None and out.entropy is not None:
             entropy[rows, : n - 1] = out.entropy
-        if raw is not None and out.raw_logprobs is not None:
-            raw[rows, : n - 1] = out.raw_logprobs
-    return TokenScores(logprobs, entropy, raw)
+    return TokenScores(logprobs, entropy)

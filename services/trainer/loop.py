@@ -178,7 +178,7 @@ class TrainerRun:
             learner = Learner.build(config)
             state = RunState(run_id=uuid.uuid4().hex[:8])
             return cls(config, learner, state, resumed_from=None)
-        learner = Learner.build(config, weights_from=latest / ckpt.MODEL_DIR)
+        learner = Learner.build(config, weights_from=ckpt.weights_dir(latest))
         state = RunState.from_json(learner.restore(latest))
         log.info("resuming from %s (step %d, version %d)", latest, state.step, state.version)
         return cls(config, learner, state, resumed_from=latest)
@@ -415,9 +415,7 @@ class TrainerRun:
         assert self.publisher is not None
         start = time.perf_counter()
         version, step = self.state.version, self.state.step
-        location, sha = await asyncio.to_thread(
-            self.publisher.write, self.learner.model, version, step
-        )
+        location, sha = await asyncio.to_thread(self.learner.publish, self.publisher, version, step)
         await self.publisher.announce(version, location, sha, step)
         seconds = time.perf_counter() - start
         self.metrics.publish_seconds.observe(seconds)

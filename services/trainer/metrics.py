@@ -43,6 +43,13 @@ PHASES = (
     "checkpoint",
     "step",
 )
+#: ``mapo_trainer_mismatch_kl{lag}``: label -> the step record's field.
+MISMATCH_LAGS = {
+    "all": "mismatch_kl",
+    "0": "mismatch_kl_lag0",
+    "1": "mismatch_kl_lag1",
+    "2+": "mismatch_kl_lag2plus",
+}
 
 
 class TrainerMetrics:
@@ -81,6 +88,25 @@ class TrainerMetrics:
         self.loss = Gauge(p + "loss", "Policy loss.", registry=r)
         self.clip_fraction = Gauge(
             p + "clip_fraction", "Share of tokens clipped.", ["side"], registry=r
+        )
+        self.ratio = Gauge(
+            p + "ratio", "PPO ratio pi_theta / pi_prox over the step's updates.", ["stat"],
+            registry=r,
+        )  # fmt: skip
+        self.updates = Gauge(p + "updates", "Optimiser updates in the last step.", registry=r)
+        self.importance_weight_mean = Gauge(
+            p + "importance_weight_mean", "Mean behaviour weight pi_prox / mu.", registry=r
+        )
+        self.importance_weight_capped = Gauge(
+            p + "importance_weight_capped_share",
+            "Share of tokens whose behaviour weight was truncated or masked.",
+            registry=r,
+        )
+        self.mismatch_kl = Gauge(
+            p + "mismatch_kl",
+            "KL(engine || trainer) per token on sampled tokens, by version lag.",
+            ["lag"],
+            registry=r,
         )
         self.kl = Gauge(p + "kl", "KL to the reference model.", registry=r)
         self.entropy = Gauge(p + "entropy", "Mean token entropy.", registry=r)
@@ -137,6 +163,10 @@ class TrainerMetrics:
             self.stale_groups.labels(action=action)
         for phase in PHASES:
             self.phase_seconds.labels(phase=phase)
+        for stat in ("mean", "min", "max"):
+            self.ratio.labels(stat=stat)
+        for lag in MISMATCH_LAGS:
+            self.mismatch_kl.labels(lag=lag)
         for split in ("train", "eval"):
             self.accuracy.labels(split=split)
 
@@ -180,6 +210,13 @@ class TrainerMetrics:
         put(self.clip_fraction.labels(side="low"), "clip_frac_low")
         put(self.clip_fraction.labels(side="high"), "clip_frac_high")
         put(self.clip_fraction.labels(side="dual"), "dual_clip_frac")
+        for stat in ("mean", "min", "max"):
+            put(self.ratio.labels(stat=stat), f"ratio_{stat}")
+        put(self.updates, "updates")
+        put(self.importance_weight_mean, "tis_weight_mean")
+        put(self.importance_weight_capped, "tis_clip_frac")
+        for lag, key in MISMATCH_LAGS.items():
+            put(self.mismatch_kl.labels(lag=lag), key)
         put(self.kl, "kl")
         put(self.entropy, "entropy")
         put(self.grad_norm, "grad_norm")

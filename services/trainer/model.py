@@ -6,16 +6,24 @@ updates of the paper's size (lr 1e-6 on weights of ~1e-2 is below bf16's resolut
 reference model, which only ever runs forward, is kept in bfloat16 on CUDA. On the CPU
 everything is float32. Published weights are cast to the serving dtype: bfloat16 on CUDA,
 float32 on the CPU.
+
+Under torchrun (several ranks, :mod:`services.trainer.distributed`) the policy and the
+reference are sharded with FSDP2; the float32 shards are the master weights and the passes
+gather them in the compute dtype instead of autocasting. Rank 0 calls these methods as a single
+process does; each method that needs every rank first tells the others (:func:`follow` is their
+side), so the run loop is the same for one rank or many.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,10 +33,15 @@ from services.core.schedule import lr_at
 from services.core.schemas import ScoredGroup
 from services.core.tasks import Example
 from services.trainer import checkpoint as ckpt
-from services.trainer.batch import collate
+from services.trainer import distributed
+from services.trainer.batch import TrainBatch, collate
+from services.trainer.distributed import Op, Topology
 from services.trainer.evaluation import EvalResult, evaluate
 from services.trainer.step import StepResult, train_step
 from services.trainer.timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from services.weights.publish import WeightPublisher
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +90,37 @@ class Learner:
     generator: torch.Generator
     pad_id: int
     vocab_size: int
+    topology: Topology = field(default_factory=Topology)
+    step: int = 0
 
     @classmethod
     def build(cls, config: RunConfig, weights_from: str | Path | None = None) -> Learner:
         """The policy from ``weights_from`` (a checkpoint's model dir) or ``model.path``."""
         from transformers import AutoTokenizer
 
-        device = resolve_device(config.trainer.device)
+        topology = distributed.current()
+        topology.tell(Op.BUILD, text=str(weights_from or ""))
+        sharded = topology.distributed
+        device = topology.device if sharded else resolve_device(config.trainer.device)
         amp_dtype, serve_dtype = precision(config, device)
         torch.manual_seed(config.trainer.seed)
-        model = load_causal_lm(weights_from or config.model.path, device, torch.float32)
+        # Sharded: loaded on the CPU, each rank's shards then moved to its device.
+        load_on = torch.device("cpu") if sharded else device
+        model = load_causal_lm(weights_from or config.model.path, load_on, torch.float32)
         model.eval()  # no dropout in RL updates; gradients flow all the same
+        if config.trainer.activation_checkpointing:
+            distributed.checkpoint_activations(model)
         ref = None
         if config.algorithm.kl_coef > 0.0:
             ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            ref = load_causal_lm(config.model.path, device, ref_dtype).eval()
+            ref = load_causal_lm(config.model.path, load_on, ref_dtype).eval()
             ref.requires_grad_(False)
+        if sharded:
+            # The shards are gathered in the compute dtype: no autocast on top.
+            model = distributed.shard_model(model, topology, compute_dtype=amp_dtype)
+            if ref is not None:
+                ref = distributed.shard_model(ref, topology)
+            amp_dtype = None
         o = config.optim
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
@@ -117,10 +145,12 @@ class Learner:
             generator=generator,
             pad_id=pad_id,
             vocab_size=vocab,
+            topology=topology,
         )
 
     def set_step(self, step: int) -> float:
         """Set the optimiser's rate for 0-based step ``step`` from the schedule; returns it."""
+        self.step = step
         o = self.config.optim
         lr = lr_at(
             step,
@@ -154,7 +184,21 @@ class Learner:
                 max_len=self.config.model.max_model_len,
                 staleness=staleness,
                 correct=corrected,
-            ).to(self.device)
+            )
+        return self.train_on(batch, timer, start)
+
+    def train_on(
+        self, batch: TrainBatch, timer: PhaseTimer | None = None, start: float | None = None
+    ) -> StepResult:
+        """One step on a collated batch; rank 0 of several first sends it to the others (whose
+        :func:`follow` receives it and calls this too)."""
+        start = time.perf_counter() if start is None else start
+        timer = timer or PhaseTimer(self.device)
+        with timer.phase("collate"):
+            if self.topology.distributed and self.topology.leader:
+                self.topology.tell(Op.TRAIN, number=self.step)
+                self.topology.share_batch(batch)
+            batch = batch.to(self.device)
         result = train_step(
             self.model,
             self.optimizer,
@@ -164,6 +208,7 @@ class Learner:
             ref_model=self.ref_model,
             generator=self.generator,
             timer=timer,
+            shard=self.topology.shard(),
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -173,14 +218,30 @@ class Learner:
         return result
 
     def evaluate(self, examples: Sequence[Example]) -> EvalResult:
-        return evaluate(
+        """Greedy held-out accuracy (every rank decodes the same examples, in step)."""
+        if self.topology.distributed:
+            self.topology.tell(Op.EVAL, text=json.dumps([dataclasses.asdict(e) for e in examples]))
+        result = evaluate(
             self.model,
             self.tokenizer,
             examples,
             max_new_tokens=self.config.rollout.max_tokens,
         )
+        distributed.release(self.model)
+        return result
 
     def save(self, run_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
+        """A checkpoint of ``step``: one process's format, or every rank's shards."""
+        if self.topology.distributed:
+            return ckpt.save_sharded_checkpoint(
+                run_dir,
+                step,
+                state,
+                self.model,
+                self.optimizer,
+                announce=lambda tmp: self.topology.tell(Op.SAVE, text=str(tmp)),
+                generator=self.generator,
+            )
         return ckpt.save_checkpoint(
             run_dir,
             step,
@@ -192,5 +253,46 @@ class Learner:
         )
 
     def restore(self, path: str | Path) -> dict[str, Any]:
-        """Optimiser moments and RNGs from a checkpoint (the weights came in with ``build``)."""
+        """Optimiser moments and RNGs from a checkpoint; the weights too from a sharded one
+        (those of a single process's checkpoint came in with ``build``)."""
+        self.topology.tell(Op.RESTORE, text=str(path))
         return ckpt.load_training_state(path, self.model, self.optimizer, generator=self.generator)
+
+    def publish(self, publisher: WeightPublisher, version: int, step: int) -> tuple[str, str]:
+        """Write the policy as ``version`` (rank 0; the other ranks help gather the shards)."""
+        self.topology.tell(Op.PUBLISH)
+        weights = distributed.full_state(self.model) if self.topology.distributed else self.model
+        return publisher.write(weights, version, step)
+
+    def close(self) -> None:
+        """Rank 0: let the other ranks go (they exit 0)."""
+        self.topology.tell(Op.STOP)
+
+
+def follow(config: RunConfig) -> int:
+    """A follower's whole life: do what rank 0 says, with the same learner calls, until STOP.
+
+    Signals to stop are left to rank 0, which checkpoints (with every rank) before it sends STOP.
+    """
+    topology = distributed.current()
+    distributed.ignore_stop_signals()
+    learner: Learner | None = None
+    while True:
+        command = topology.listen()
+        if command.op is Op.STOP:
+            return 0
+        if command.op is Op.BUILD:
+            learner = Learner.build(config, weights_from=command.text or None)
+            continue
+        assert learner is not None, f"{command.op.name} before BUILD"
+        if command.op is Op.RESTORE:
+            learner.restore(command.text)
+        elif command.op is Op.TRAIN:
+            learner.set_step(command.number)
+            learner.train_on(topology.share_batch(None))
+        elif command.op is Op.EVAL:
+            learner.evaluate([Example(**e) for e in json.loads(command.text)])
+        elif command.op is Op.SAVE:
+            ckpt.write_shards(Path(command.text), learner.model, learner.optimizer)
+        elif command.op is Op.PUBLISH:
+            distributed.full_state(learner.model)

@@ -41,10 +41,13 @@ def base_tensor_spec(model_dir: str | Path) -> ShapeSpec:
 
 
 def serving_tensors(
-    model: nn.Module, spec: Mapping[str, tuple[int, ...]], dtype: torch.dtype
+    model: nn.Module | Mapping[str, torch.Tensor],
+    spec: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """The model's tensors named in ``spec``, cast to ``dtype``; refuses any mismatch."""
-    state = model.state_dict()
+    """The model's tensors (or a state dict gathered from the trainer's ranks) named in
+    ``spec``, cast to ``dtype``; refuses any mismatch."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
     missing = sorted(set(spec) - set(state))
     wrong = sorted(n for n in spec if n in state and tuple(state[n].shape) != tuple(spec[n]))
     if missing or wrong:
@@ -100,7 +103,9 @@ class WeightPublisher:
         newest = latest_version(self.store)
         return max(restored, -1 if newest is None else newest) + 1
 
-    def write(self, model: nn.Module, version: int, step: int) -> tuple[str, str]:
+    def write(
+        self, model: nn.Module | Mapping[str, torch.Tensor], version: int, step: int
+    ) -> tuple[str, str]:
         """Write one version (blocking: run it in a thread); return (location, manifest sha)."""
         tensors = serving_tensors(model, self.spec, self.dtype)
         directory, sha = write_version(self.store, version, tensors, step=step, keep=self.keep)

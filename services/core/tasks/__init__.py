@@ -1,8 +1,9 @@
 """Built-in verifiable tasks: datasets generated from a seed, no download.
 
-A task is a list of :class:`Example` split into train and held-out sets. ``dataset =
-"builtin:NAME"`` in a run config selects one; the reward service scores it with the verifier of
-the same name.
+A task is a list of :class:`Example` split into train and held-out sets, and may add an
+out-of-domain set: problems of a kind the train split never contains, which measure whether what
+training taught carries over. ``dataset = "builtin:NAME"`` in a run config selects one; the reward
+service scores it with the verifier of the same name.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class BuiltinTask:
     name: str
     train: tuple[Example, ...]
     eval: tuple[Example, ...]
+    #: Out-of-domain held-out problems (empty when the task has none).
+    ood: tuple[Example, ...] = ()
 
 
 _BUILDERS: dict[str, Callable[[int], BuiltinTask]] = {}
