@@ -94,13 +94,6 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    # The kernel sends it when the *thread* that forked the child ends, so only a child of the
-    # main thread gets it: one started from a worker thread would die with that thread.
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    return _die_with_parent if on_main_thread and sys.platform.startswith("linux") else None
-
-
 class Child:
     """One started process, its log file, and a stop that escalates from SIGTERM to SIGKILL.
 
@@ -122,8 +115,19 @@ class Child:
         log_path: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        die_with_parent: bool = False,
     ) -> Child:
-        """Start ``args`` with stdout and stderr appended to ``log_path``."""
+        """Start ``args`` with stdout and stderr appended to ``log_path``.
+
+        ``die_with_parent`` (Linux): the child gets SIGTERM when the thread that started it
+        ends, so a killed orchestrator leaves nothing behind. It needs a hook run between
+        fork and exec, so only a single-threaded orchestrator calling from its main thread may
+        ask for it: in a process with other threads (gRPC's, a progress bar's), forking with
+        such a hook can deadlock inside fork, and ``ValueError`` says so off the main thread.
+        """
+        if die_with_parent and threading.current_thread() is not threading.main_thread():
+            raise ValueError("die_with_parent needs the main thread (the signal follows it)")
+        hook = _die_with_parent if die_with_parent and sys.platform.startswith("linux") else None
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
@@ -134,7 +138,7 @@ class Child:
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=hook,
             )
         return cls(name, proc, log_path)
 

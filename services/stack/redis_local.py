@@ -85,6 +85,7 @@ def start_redis_server(
     data_dir: Path,
     *,
     appendfsync: str | None = "everysec",
+    die_with_parent: bool = False,
     timeout_s: float = 20.0,
 ) -> Child:
     """redis-server on 127.0.0.1:``port`` with its data and log in ``data_dir``, once it
@@ -103,7 +104,12 @@ def start_redis_server(
         "--save", "",
         "--daemonize", "no",
     ]  # fmt: skip
-    child = Child.start(f"Redis ({binary.source})", args, log_path=data_dir / "redis.log")
+    child = Child.start(
+        f"Redis ({binary.source})",
+        args,
+        log_path=data_dir / "redis.log",
+        die_with_parent=die_with_parent,
+    )
     try:
         wait_until(
             child,
@@ -119,8 +125,11 @@ def start_redis_server(
     return child
 
 
-def ensure_redis(data_dir: Path, environ: dict[str, str] | None = None) -> RedisEndpoint:
-    """The user's Redis (REDIS_URL) or a private one; StartError names the fix when neither."""
+def ensure_redis(
+    data_dir: Path, environ: dict[str, str] | None = None, *, die_with_parent: bool = False
+) -> RedisEndpoint:
+    """The user's Redis (REDIS_URL) or a private one; StartError names the fix when neither.
+    ``die_with_parent``: see :meth:`Child.start` (for a single-threaded orchestrator)."""
     env = dict(os.environ) if environ is None else environ
     url = env.get("REDIS_URL", "").strip()
     if url:
@@ -129,7 +138,7 @@ def ensure_redis(data_dir: Path, environ: dict[str, str] | None = None) -> Redis
     if binary is None:
         raise StartError("no Redis: REDIS_URL is not set and no redis-server was found", fix=FIX)
     port = free_port()
-    child = start_redis_server(binary, port, data_dir)
+    child = start_redis_server(binary, port, data_dir, die_with_parent=die_with_parent)
     return RedisEndpoint(f"redis://127.0.0.1:{port}/0", binary.source, child)
 
 

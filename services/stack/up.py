@@ -222,6 +222,7 @@ class Stack:
             self._mapo("reward", "serve", "--host", host, "--port", port),
             log_path=self.logs / "reward.log",
             env=self.env,
+            die_with_parent=True,
         )
         address = self.config.reward.address
         wait_until(
@@ -243,6 +244,7 @@ class Stack:
                 self._mapo(*args),
                 log_path=self.logs / f"inference-{i}.log",
                 env=self.env,
+                die_with_parent=True,
             )
             self.replicas.append(child)
         fix = (
@@ -273,6 +275,7 @@ class Stack:
             self._mapo("trainer", "run"),
             log_path=self.logs / "trainer.log",
             env=self.env,
+            die_with_parent=True,
         )
         return self.trainer
 
@@ -416,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
                 f"problems ({initial.describe()})"
             )
 
-            redis = ensure_redis(run_dir / "redis")
+            redis = ensure_redis(run_dir / "redis", die_with_parent=True)
             if redis.child is None:
                 check_url(redis.url)
             print(f"redis: {redis.source} at {redis.url}", flush=True)
