@@ -2,11 +2,12 @@
 
 For every seed the demo model is warm-started once; then ``mapo up`` trains it twice through
 the whole stack with the same settings, prompts and evaluation, once with the *classic*
-objective (one update per rollout batch, so PPO's ratio is 1, and no behaviour-policy
-correction) and once with the *default* one (mini-batch updates against the recomputed
+objective (one update per rollout batch, so PPO's ratio is 1, no behaviour-policy
+correction, too-stale groups dropped) and once with the *default* one (mini-batch updates against the recomputed
 proximal policy, importance weights against the engine's log-probs). Reported per seed:
-initial and final held-out accuracy, the gain, and the wall time of each run; then mean and
-standard deviation of the gains over seeds. Everything lands in ``objective.json``.
+initial and final held-out accuracy, the gain, and the RL seconds of each run; then mean and
+standard deviation of the gains over seeds. A rerun keeps the runs that finished. Everything
+lands in ``objective.json``.
 """
 
 from __future__ import annotations
