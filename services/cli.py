@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from services.core.config import ConfigError, RunConfig, load_config
+from services.models.arch import ARCHITECTURES, QWEN2
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset",
     )
     mm.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    mm.add_argument(
+        "--arch",
+        default=QWEN2,
+        choices=ARCHITECTURES,
+        help="qwen2: text only; qwen2_5_vl: Qwen2.5-VL with a small vision tower",
+    )
 
     ev = _command(sub, "eval", "services.stack.evaluate:cli_eval", "Held-out accuracy.")
     ev.add_argument("target", help="model/checkpoint directory, or http://host:port of a service")
@@ -144,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--group-size", type=int, default=8)
     bi.add_argument("--max-tokens", type=int, default=64)
     bi.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
+    bi.add_argument(
+        "--vl", action="store_true", help="a tiny Qwen2.5-VL on the shapes task's pictures"
+    )
     bl = _command(
         bsub, "reload", "services.benchmarks.reload:main", "Weight reload latency vs memcpy."
     )

@@ -355,7 +355,7 @@ def test_dockerfile_runs_mapo(name: str) -> None:
     assert "python:3.11" in text
     if name == "Dockerfile.cpu":
         # `make install`: the whole lock with --no-deps, then the project with --no-deps.
-        assert "--no-deps -r requirements/cpu.lock" in text
+        assert "LOCK=requirements/cpu.lock" in text and '--no-deps -r "$LOCK"' in text
         assert "pip install --no-deps --no-build-isolation ." in text
     else:
         assert '".[gpu]"' in text

@@ -282,6 +282,7 @@ class FakeService:
         self.engine = types.SimpleNamespace(errored=False)
         self.version = 5
         self.generated: list[int] = []
+        self.vision_token_ids: frozenset[int] = frozenset()
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) for c in text]
@@ -321,7 +322,7 @@ class FakeScorer:
 @pytest.fixture
 def fake_params(monkeypatch: pytest.MonkeyPatch) -> None:
     """No vLLM in unit tests: the sampling parameters are just the group size."""
-    monkeypatch.setattr(rw, "rollout_params", lambda prompt, max_tokens: prompt.group_size)
+    monkeypatch.setattr(rw, "rollout_params", lambda prompt, max_tokens, never: prompt.group_size)
     monkeypatch.setattr(rw, "RETRY_MIN_S", 0.01)
 
 

@@ -309,14 +309,40 @@ def test_encoded_examples_train_on_the_answer_only(tiny_model: Path) -> None:
     from services.stack.warmstart import encode_examples
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    ids, labels = encode_examples(
+    ids, labels, pictures = encode_examples(
         tok, [Example("a", "12+34=", "46", "arithmetic"), Example("b", "12-10=", "2", "x")]
     )
+    assert pictures is None
     assert tok.decode(ids[0]) == "12+34=46" + tok.eos_token
     answer = labels[0][labels[0] != -100].tolist()
     assert tok.decode(answer) == "46" + tok.eos_token
     assert tok.decode(labels[1][labels[1] != -100].tolist()) == "2" + tok.eos_token
     assert (ids[1, -1] == tok.pad_token_id) and labels[1, -1] == -100
+
+
+def test_encoded_vl_examples_carry_their_pictures(tiny_vl_model: Path) -> None:
+    """A vision-language warm start trains on the chat-rendered prompt with the picture's
+    patch tokens, and on the answer then <|im_end|> only."""
+    import torch
+    from transformers import AutoProcessor
+
+    from services.core.tasks import load_builtin
+    from services.stack.warmstart import encode_examples
+
+    processor = AutoProcessor.from_pretrained(tiny_vl_model)
+    tok = processor.tokenizer
+    examples = load_builtin("shapes", 0).train[:3]
+    ids, labels, pictures = encode_examples(processor, examples)
+    assert pictures is not None
+    batch = pictures.of(torch.tensor([2, 0]))
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+    assert batch["pixel_values"].shape[0] == 32
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    for row, ex in enumerate(examples):
+        assert int((ids[row] == pad).sum()) == 4
+        assert tok.decode(ids[row]).startswith("<|im_start|>user\n<|vision_start|>")
+        answer = labels[row][labels[row] != -100].tolist()
+        assert tok.decode(answer) == ex.answer + "<|im_end|>"
 
 
 @pytest.mark.slow

@@ -397,6 +397,12 @@ def wheels(made: list[Path]) -> None:
     cache.mkdir(exist_ok=True)
     pins = []
     for line in LOCK.read_text().splitlines():
+        if " @ " in line:  # a pin by URL: its wheel's file name says name and version
+            name, url = line.split(" @ ", 1)
+            version = url.split("#", 1)[0].rsplit("/", 1)[-1].split("-")[1]
+            if not _wheel_present(cache, name.strip(), version):
+                pins.append(line.strip())
+            continue
         line = line.split("#", 1)[0].strip()
         if line:
             name, version = line.split("==")

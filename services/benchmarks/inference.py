@@ -1,5 +1,10 @@
 """``mapo bench inference``: rollout tokens/s through the service vs the bare engine.
 
+``--vl`` measures the vision-language path: a tiny Qwen2.5-VL, the built-in shapes task's
+pictures (one per prompt, 4 patch tokens each), direct ``LLM.generate`` with the pictures as
+``multi_modal_data`` against ``/v1/chat/completions`` with the same pictures as data URLs (the
+service renders the chat template and decodes the pictures for each request).
+
 Both sides run the same prompts with the same engine arguments (:func:`engine_kwargs`), the
 same sampling parameters, seeds and ``ignore_eos``, so they generate exactly the same tokens,
 and both produce what a rollout needs (text, token ids, the sampled tokens' log-probs):
@@ -39,12 +44,43 @@ def make_prompts(count: int) -> list[str]:
     return [f"{10 + (7 * i) % 90}+{10 + (13 * i) % 90}=" for i in range(count)]
 
 
+def make_vl_prompts(count: int) -> tuple[list[str], list[str]]:
+    """The shapes task's first ``count`` questions and their pictures (base64 PNG)."""
+    import base64
+
+    from services.core.tasks import load_builtin
+
+    examples = load_builtin("shapes", 0).train[:count]
+    return [e.prompt for e in examples], [base64.b64encode(e.images[0]).decode() for e in examples]
+
+
+def _engine_prompts(spec: dict[str, Any], tokenizer: Any) -> list[Any]:
+    """What the direct engine is given: the prompts, or for ``--vl`` each question rendered with
+    the chat template beside its decoded picture."""
+    if not spec.get("images"):
+        return list(spec["prompts"])
+    import base64
+
+    from services.core.images import ImageLimits, decode_image
+    from services.core.prompts import PromptFormat
+
+    fmt = PromptFormat.for_tokenizer(tokenizer)
+    return [
+        {
+            "prompt": fmt.render(text, 1),
+            "multi_modal_data": {"image": [decode_image(base64.b64decode(b64), ImageLimits())]},
+        }
+        for text, b64 in zip(spec["prompts"], spec["images"], strict=True)
+    ]
+
+
 def _direct_worker(model: str, spec: dict[str, Any], config: RunConfig) -> None:
     """Serve timed ``LLM.generate`` rounds on request (runs in the child process).
 
     Prints ``ready``, then one JSON line per line read from stdin.
     """
     from services.inference.engine import apply_cpu_defaults, engine_kwargs
+    from services.models.arch import placeholder_ids
 
     # vLLM logs to stdout: keep the real stdout for the protocol, send everything else to stderr.
     protocol = os.fdopen(os.dup(1), "w")
@@ -53,7 +89,9 @@ def _direct_worker(model: str, spec: dict[str, Any], config: RunConfig) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs(config, model, on_cuda=False))
-    prompts = spec["prompts"]
+    tokenizer = llm.get_tokenizer()
+    prompts = _engine_prompts(spec, tokenizer)
+    never = placeholder_ids(tokenizer) if spec.get("images") else frozenset()
     params = [
         SamplingParams(
             n=spec["group_size"],
@@ -67,10 +105,11 @@ def _direct_worker(model: str, spec: dict[str, Any], config: RunConfig) -> None:
             # tokens, and the text decoded once per completion.
             flat_logprobs=True,
             detokenize=False,
+            # As the service samples for a vision-language model: never a picture placeholder.
+            logit_bias=dict.fromkeys(sorted(never), -100.0) if never else None,
         )
         for i in range(len(prompts))
     ]
-    tokenizer = llm.get_tokenizer()
     print("ready", file=protocol, flush=True)
     for _ in sys.stdin:
         started = time.perf_counter()
@@ -135,19 +174,26 @@ async def _service_round(url: str, model: str, spec: dict[str, Any]) -> dict[str
     """One round through the HTTP API: every prompt its own request, all in flight together."""
     import httpx
 
+    images = spec.get("images")
+
     async def one(client: httpx.AsyncClient, i: int, prompt: str) -> int:
-        body = {
-            "model": model,
-            "prompt": prompt,
+        route = "completions"
+        body: dict[str, Any] = {"model": model, "prompt": prompt}
+        if images:
+            route = "chat/completions"
+            picture = {"type": "image_url", "image_url": {"url": PNG_URL + images[i]}}
+            content = [picture, {"type": "text", "text": prompt}]
+            body = {"model": model, "messages": [{"role": "user", "content": content}]}
+        body |= {
             "n": spec["group_size"],
             "max_tokens": spec["max_tokens"],
             "temperature": 1.0,
             "top_p": 1.0,
-            "logprobs": 0,
+            "logprobs": True if images else 0,
             "seed": i,
             "ignore_eos": True,
         }
-        resp = await client.post(f"{url}/v1/completions", json=body)
+        resp = await client.post(f"{url}/v1/{route}", json=body)
         resp.raise_for_status()
         return int(resp.json()["usage"]["completion_tokens"])
 
@@ -157,6 +203,9 @@ async def _service_round(url: str, model: str, spec: dict[str, Any]) -> dict[str
         counts = await asyncio.gather(*(one(client, i, p) for i, p in enumerate(spec["prompts"])))
         seconds = time.perf_counter() - started
     return {"tokens": sum(counts), "seconds": seconds}
+
+
+PNG_URL = "data:image/png;base64,"
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -199,21 +248,27 @@ def main(args: argparse.Namespace, config: RunConfig) -> int:
     from services.inference.launcher import InferenceProcess
 
     work = Path(tempfile.mkdtemp(prefix="mapo-bench-inference-"))
+    vl = bool(getattr(args, "vl", False))
     model = getattr(args, "model", None)
     if not model:
         from services.models.tiny import build_model
+        from services.models.tiny_vl import build_vl_model
 
-        model = str(build_model(work / "model", getattr(args, "size", "tiny")))
-    spec = {
+        build = build_vl_model if vl else build_model
+        model = str(build(work / "model", getattr(args, "size", "tiny")))
+    spec: dict[str, Any] = {
         "prompts": make_prompts(args.prompts),
         "group_size": args.group_size,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
     }
+    if vl:
+        spec["prompts"], spec["images"] = make_vl_prompts(args.prompts)
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
+    kind = "vision-language prompts (one 56x56 picture each)" if vl else "prompts"
     print(
-        f"{args.prompts} prompts x G={args.group_size} x {args.max_tokens} tokens, model {model}, "
+        f"{args.prompts} {kind} x G={args.group_size} x {args.max_tokens} tokens, model {model}, "
         f"{args.rounds} timed rounds after one warm-up (median reported)",
         flush=True,
     )
@@ -252,9 +307,10 @@ def main(args: argparse.Namespace, config: RunConfig) -> int:
         ("service HTTP API   ", s_tokens, s_rate, s_cpu, served),
     ):
         each = ", ".join(f"{r['tokens'] / r['seconds']:,.0f}" for r in result["rounds"])
+        rollouts = len(spec["prompts"]) * args.group_size * rate / max(tokens, 1)
         print(
-            f"{name}: {tokens} tokens/round, {rate:,.0f} tokens/s, {cpu:,.0f} tokens/CPU-s "
-            f"(rounds: {each}; warm-up {result['warmup']['seconds']:.1f} s)"
+            f"{name}: {tokens} tokens/round, {rate:,.0f} tokens/s ({rollouts:,.1f} rollouts/s), "
+            f"{cpu:,.0f} tokens/CPU-s (rounds: {each}; warm-up {result['warmup']['seconds']:.1f} s)"
         )
     print(
         f"service / direct   : {s_rate / d_rate:.1%} of tokens/s, "

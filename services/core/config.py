@@ -36,6 +36,9 @@ class ModelConfig(_Section):
         "auto", description="Training dtype: auto is bfloat16 on CUDA, float32 on the CPU."
     )
     max_model_len: int = Field(512, ge=16, le=131072, description="Max prompt+response tokens.")
+    chat_template: Literal["auto", "off"] = Field(
+        "auto", description="auto: render prompts with the tokenizer's chat template if it has one."
+    )
 
 
 class TaskConfig(_Section):
@@ -56,6 +59,13 @@ class TaskConfig(_Section):
         None, description="Reward counted as success; None means >= max_reward."
     )
     seed: int = Field(0, ge=0, description="Seed for dataset order and sampling.")
+    max_images: int = Field(8, ge=0, le=64, description="Images one prompt may carry.")
+    max_image_bytes: int = Field(
+        4 << 20, ge=1024, le=64 << 20, description="Encoded size limit of one image."
+    )
+    max_image_pixels: int = Field(
+        1 << 22, ge=64, le=1 << 28, description="Pixel limit (width x height) of one image."
+    )
 
 
 class RolloutConfig(_Section):
@@ -165,6 +175,10 @@ class TrainerConfig(_Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute decoder-layer activations in the backward pass."
     )
+    freeze_vision: bool = Field(
+        False,
+        description="Vision-language models: keep the vision tower fixed (the paper trains it).",
+    )
 
 
 class BusConfig(_Section):
@@ -173,6 +187,9 @@ class BusConfig(_Section):
     rollouts_stream: str = Field("mapo:rollouts", min_length=1, description="Scored groups key.")
     weights_stream: str = Field("mapo:weights", min_length=1, description="Weight versions key.")
     dead_letter_stream: str = Field("mapo:dead", min_length=1, description="Dead-letter key.")
+    images_prefix: str = Field(
+        "mapo:image:", min_length=1, description="Key prefix of the content-addressed images."
+    )
     maxlen: int = Field(100_000, ge=10, le=100_000_000, description="Approximate stream cap.")
     block_ms: int = Field(1000, ge=1, le=600_000, description="XREADGROUP block time.")
     claim_idle_ms: int = Field(60_000, ge=100, le=86_400_000, description="Reclaim idle entries.")

@@ -17,6 +17,8 @@ from typing import Any, Final
 import msgspec
 import numpy as np
 
+from services.core.images import MAX_IMAGES_PER_MESSAGE, is_ref
+
 SCHEMA_VERSION: Final = 1
 MAX_PAYLOAD_BYTES: Final = 64 << 20
 
@@ -45,6 +47,8 @@ class PromptMessage:
     max_tokens: int = 32
     issued_version: int = 0
     created_at: float = 0.0
+    #: References (``sha256:<hex>``) of the images shown with the prompt, in order.
+    images: tuple[str, ...] = ()
 
     kind: str = field(default=KIND_PROMPT, init=False, repr=False)
 
@@ -92,6 +96,8 @@ class ScoredGroup:
     replica: str
     rollouts: tuple[Rollout, ...]
     created_at: float = 0.0
+    #: The prompt's image references: the trainer runs the same pictures through the model.
+    images: tuple[str, ...] = ()
 
     kind: str = field(default=KIND_SCORED_GROUP, init=False, repr=False)
 
@@ -108,6 +114,7 @@ class ScoredGroup:
             and self.replica == other.replica
             and self.rollouts == other.rollouts
             and self.created_at == other.created_at
+            and self.images == other.images
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -192,6 +199,8 @@ def encode(msg: Message) -> bytes:
             "issued_version": msg.issued_version,
             "created_at": float(msg.created_at),
         }
+        if msg.images:
+            body["images"] = list(msg.images)
     elif isinstance(msg, ScoredGroup):
         _check_rollouts(msg.rollouts)
         body = {
@@ -205,6 +214,8 @@ def encode(msg: Message) -> bytes:
             "rollouts": [_rollout_to_wire(r) for r in msg.rollouts],
             "created_at": float(msg.created_at),
         }
+        if msg.images:
+            body["images"] = list(msg.images)
     elif isinstance(msg, WeightAnnouncement):
         body = {
             "version": msg.version,
@@ -279,6 +290,20 @@ def _decode_arrays(
     return out
 
 
+def _image_refs(value: Any, where: str) -> tuple[str, ...]:
+    """A list of image references: at most MAX_IMAGES_PER_MESSAGE, each ``sha256:<hex>``."""
+    if not isinstance(value, list):
+        raise SchemaError(f"{where}: field 'images' must be a list, got {type(value).__name__}")
+    if len(value) > MAX_IMAGES_PER_MESSAGE:
+        raise SchemaError(
+            f"{where}: {len(value)} images; a message may name at most {MAX_IMAGES_PER_MESSAGE}"
+        )
+    for i, ref in enumerate(value):
+        if not isinstance(ref, str) or not is_ref(ref):
+            raise SchemaError(f"{where}: images[{i}] is not an image reference (sha256:<hex>)")
+    return tuple(value)
+
+
 def _decode_prompt(d: dict[str, Any]) -> PromptMessage:
     w = "prompt"
     group_size = _nonneg_int(d, "group_size", w)
@@ -305,6 +330,7 @@ def _decode_prompt(d: dict[str, Any]) -> PromptMessage:
         max_tokens=max_tokens,
         issued_version=_nonneg_int(d, "issued_version", w),
         created_at=_finite(d, "created_at", w),
+        images=_image_refs(d.get("images", []), w),
     )
 
 
@@ -331,6 +357,7 @@ class _WireScoredGroup(msgspec.Struct, forbid_unknown_fields=True):
     replica: str
     rollouts: list[_WireRollout]
     created_at: float
+    images: list[str] = []
 
 
 _GROUP_DECODER = msgspec.msgpack.Decoder(_WireScoredGroup)
@@ -393,6 +420,7 @@ def _decode_scored_group(data: bytes) -> ScoredGroup:
                 finish_reason=r.finish_reason,
             )
         )
+    images = _image_refs(g.images, w)
     prompt_ids = np.frombuffer(g.prompt_token_ids, dtype="<i4").astype(np.int32)
     if prompt_ids.size and prompt_ids.min() < 0:
         raise SchemaError(f"{w}: negative prompt token id")
@@ -406,6 +434,7 @@ def _decode_scored_group(data: bytes) -> ScoredGroup:
         replica=g.replica,
         rollouts=tuple(rollouts),
         created_at=g.created_at,
+        images=images,
     )
 
 

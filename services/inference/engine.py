@@ -160,6 +160,8 @@ class WeightReloadExtension:
         computes with a packed copy made at load time, which would keep the old values.
         """
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        # A vision-language model keeps its head and embedding in its language model.
+        model = getattr(model, "language_model", model)
         head = getattr(model, "lm_head", None)
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
         if head is None or embed is None or not hasattr(head, "weight"):

@@ -98,6 +98,14 @@ class InferenceMetrics:
         self.groups = Counter(
             PREFIX + "groups", "Scored groups appended to the rollouts stream.", registry=r
         )
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens",
+            "Prompt tokens of scored groups: text, and picture patches (image).",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("text", "image"):
+            self.prompt_tokens.labels(kind)
         self.rollout_seconds = Histogram(
             PREFIX + "rollout_seconds",
             "Time of each phase of one scored group in the rollout worker.",

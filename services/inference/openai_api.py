@@ -1,4 +1,10 @@
-"""OpenAI-compatible ``/v1/completions`` and ``/v1/models`` over the served policy.
+"""OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models`` over
+the served policy.
+
+Chat requests are rendered with the model's chat template; their images come as data URLs in
+``image_url`` content parts (never fetched from elsewhere: a request cannot make the service
+reach another host), decoded within ``task.max_image_bytes`` / ``max_image_pixels`` and
+``task.max_images`` per request, off the event loop.
 
 Requests are validated by pydantic before they reach the engine: a bad field answers 422, a
 prompt that does not fit the context 400, an unknown model 404, all in OpenAI's error shape.
@@ -8,6 +14,9 @@ Each response also says which weight version produced it (``weight_version`` and
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import math
 import time
 import uuid
@@ -17,6 +26,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.core.images import ImageError, decode_image, limits_of
+from services.core.prompts import PromptFormat
 from services.inference.generation import EngineUnavailable, PromptRejected, sampling_params
 from services.inference.service import InferenceService
 
@@ -27,6 +38,14 @@ MAX_PROMPTS = 256
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOPS = 8
+MAX_MESSAGES = 256
+
+
+def check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > MAX_STOPS or any(not s for s in stops):
+        raise ValueError(f"stop takes at most {MAX_STOPS} non-empty strings")
+    return value
 
 
 class CompletionRequest(BaseModel):
@@ -59,13 +78,92 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise ValueError(f"stop takes at most {MAX_STOPS} non-empty strings")
-        return value
+        return check_stops(value)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class ImageURL(BaseModel):
+    url: str = Field(min_length=1)
+
+
+class ContentPart(BaseModel):
+    """One part of a chat message: text, or an image given as a data URL."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class ChatRequest(BaseModel):
+    """The fields of OpenAI's chat completions request this service implements."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    logprobs: bool = False
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    stream: Literal[False] = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        return check_stops(value)
+
+    def limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 16
+
+    def template_messages(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Messages as the chat template takes them (an image part becomes a placeholder),
+        and the image URLs in order."""
+        urls: list[str] = []
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            if isinstance(m.content, str):
+                out.append({"role": m.role, "content": m.content})
+                continue
+            parts: list[dict[str, str]] = []
+            for p in m.content:
+                if p.type == "image_url":
+                    if p.image_url is None:
+                        raise PromptRejected("an image_url part needs image_url.url")
+                    urls.append(p.image_url.url)
+                    parts.append({"type": "image"})
+                else:
+                    parts.append({"type": "text", "text": p.text or ""})
+            out.append({"role": m.role, "content": parts})
+        return out, urls
+
+
+def data_url_bytes(url: str) -> bytes:
+    """The bytes of a base64 ``data:image/...`` URL; any other URL is refused."""
+    head, sep, payload = url.partition(",")
+    if not (sep and head.startswith("data:image/") and head.endswith(";base64")):
+        raise PromptRejected(
+            "images must be data URLs (data:image/png;base64,...); this service fetches nothing"
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise PromptRejected("an image data URL is not valid base64") from None
 
 
 def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -209,6 +307,111 @@ def build_router(service: InferenceService) -> APIRouter:
             {
                 "id": f"cmpl-{uuid.uuid4().hex}",
                 "object": "text_completion",
+                "created": int(time.time()),
+                "model": service.model,
+                "system_fingerprint": f"mapo-weights-v{gen.version}",
+                "weight_version": gen.version,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat_completions(req: ChatRequest) -> JSONResponse:
+        from vllm.sampling_params import RequestOutputKind
+
+        if req.model not in served_names():
+            return error(
+                404,
+                f"model {req.model!r} is not served here; use {service.model!r}",
+                "not_found",
+                "model",
+            )
+        if not service.ready:
+            return error(503, "the model is still loading", "unavailable")
+        cfg = service.config
+        fmt = PromptFormat.for_tokenizer(service.tokenizer)
+        try:
+            if not fmt.chat:
+                raise PromptRejected("this model has no chat template; use /v1/completions")
+            messages, urls = req.template_messages()
+            if len(urls) > cfg.task.max_images:
+                raise PromptRejected(
+                    f"{len(urls)} images; at most {cfg.task.max_images} (task.max_images)"
+                )
+            text: str = fmt.template.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            ids = service.tokenize(text)
+            service.check_length(ids, req.limit())
+            request: list[int] | dict[str, Any] = ids
+            if urls:
+                limits = limits_of(cfg)
+                pictures = await asyncio.to_thread(
+                    lambda: [
+                        decode_image(data_url_bytes(u), limits, f"image {i}")
+                        for i, u in enumerate(urls)
+                    ]
+                )
+                request = {"prompt": text, "multi_modal_data": {"image": pictures}}
+            forbidden = service.vision_token_ids
+            params = sampling_params(
+                n=req.n,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                max_tokens=req.limit(),
+                logprobs=0 if req.logprobs else None,
+                seed=req.seed,
+                stop=req.stop,
+                ignore_eos=req.ignore_eos,
+                logit_bias=dict.fromkeys(sorted(forbidden), -100.0) if forbidden else None,
+                flat_logprobs=True,
+                detokenize=bool(req.stop),
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+        except (PromptRejected, ImageError) as exc:
+            return error(400, str(exc), "invalid_request_error", "messages")
+        try:
+            gen = await service.generate([request], params)
+        except EngineUnavailable as exc:
+            return error(503, str(exc), "unavailable")
+        except PromptRejected as exc:
+            return error(400, str(exc), "invalid_request_error")
+        out = gen.outputs[0]
+        choices = []
+        completion_tokens = 0
+        for c in out.outputs:
+            completion_tokens += len(c.token_ids)
+            logprobs = None
+            if req.logprobs:
+                block = _logprobs_block(c, 0, service.tokenizer)
+                logprobs = {
+                    "content": [
+                        {"token": t, "logprob": lp, "top_logprobs": []}
+                        for t, lp in zip(block["tokens"], block["token_logprobs"], strict=True)
+                    ],
+                    "token_ids": block["token_ids"],
+                }
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": {
+                        "role": "assistant",
+                        "content": c.text if req.stop else service.decode(c.token_ids),
+                    },
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        prompt_tokens = len(out.prompt_token_ids or ids)
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
                 "created": int(time.time()),
                 "model": service.model,
                 "system_fingerprint": f"mapo-weights-v{gen.version}",

@@ -33,6 +33,7 @@ from tenacity import (
 )
 
 from services.core.config import RunConfig
+from services.core.images import ImageError, decode_image, limits_of
 from services.core.schemas import PromptMessage, Rollout, ScoredGroup
 from services.inference.generation import (
     EngineUnavailable,
@@ -41,6 +42,7 @@ from services.inference.generation import (
     sampling_params,
 )
 from services.inference.metrics import InferenceMetrics
+from services.transport.images import image_store
 from services.transport.names import INFERENCE_GROUP
 
 if TYPE_CHECKING:
@@ -49,6 +51,9 @@ if TYPE_CHECKING:
     from services.transport import Bus, Delivery
 
 log = logging.getLogger(__name__)
+
+#: A prompt with pictures, as the engine takes it: text with one placeholder per picture.
+ImagePrompt = dict[str, Any]
 
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
@@ -91,12 +96,15 @@ class RolloutService(Protocol):
     @property
     def engine(self) -> EngineState | None: ...
 
+    @property
+    def vision_token_ids(self) -> frozenset[int]: ...
+
     def tokenize(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
     async def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+        self, prompts: Sequence[Sequence[int] | ImagePrompt], params: SamplingParams
     ) -> Generation: ...
 
 
@@ -108,11 +116,18 @@ class Scorer(Protocol):
     ) -> Sequence[Any]: ...
 
 
-def rollout_params(prompt: PromptMessage, max_tokens: int) -> SamplingParams:
-    """G samples with the log-prob of each sampled token (flat: no per-token dicts)."""
+def rollout_params(
+    prompt: PromptMessage, max_tokens: int, forbidden: frozenset[int] = frozenset()
+) -> SamplingParams:
+    """G samples with the log-prob of each sampled token (flat: no per-token dicts).
+
+    ``forbidden`` token ids are never sampled: a vision-language model's image and video
+    placeholders, which in a completion would make the trainer look for a picture that is not
+    there (an untrained model emits them)."""
     from vllm.sampling_params import RequestOutputKind
 
     return sampling_params(
+        logit_bias=dict.fromkeys(sorted(forbidden), -100.0) if forbidden else None,
         n=prompt.group_size,
         temperature=prompt.temperature,
         top_p=prompt.top_p,
@@ -181,6 +196,7 @@ def build_group(
         replica=replica,
         rollouts=rollouts,
         created_at=time.time(),
+        images=prompt.images,
     )
 
 
@@ -196,6 +212,7 @@ class RolloutWorker:
         self.rollouts_stream = cfg.bus.rollouts_stream
         self.group = INFERENCE_GROUP
         self.consumer = service.replica
+        self.images = image_store(bus, cfg)
         self.slots = cfg.inference.prompts_per_batch
         self.state = "starting"
         self._owns_scorer = scorer is None
@@ -291,7 +308,7 @@ class RolloutWorker:
             await self.bus.publish(self.rollouts_stream, group)
             await self.bus.ack(self.prompts_stream, self.group, [delivery.entry_id])
             self._observe("publish", time.perf_counter() - started)
-            self.service.metrics.groups.inc()
+            self._count(group)
         except PromptRejected as exc:
             log.warning("dead-lettering prompt %s: %s", prompt.prompt_id, exc)
             with contextlib.suppress(Exception):
@@ -311,17 +328,41 @@ class RolloutWorker:
         except Exception as exc:  # the bus reclaims it after claim_idle_ms anyway
             log.warning("could not give prompt %s back: %s", delivery.message.prompt_id, exc)
 
+    async def _pictures(self, prompt: PromptMessage) -> list[Any]:
+        """The prompt's images, fetched and decoded; a missing, damaged or oversized one makes
+        the prompt one that can never succeed (:class:`PromptRejected`)."""
+        cfg = self.service.config
+        if len(prompt.images) > cfg.task.max_images:
+            raise PromptRejected(
+                f"the prompt has {len(prompt.images)} images; task.max_images is "
+                f"{cfg.task.max_images}"
+            )
+        try:
+            blobs = await self.images.get_all(prompt.images)
+            limits = limits_of(cfg)
+            return await asyncio.to_thread(
+                lambda: [decode_image(b, limits, f"image {i}") for i, b in enumerate(blobs)]
+            )
+        except ImageError as exc:
+            raise PromptRejected(str(exc)) from None
+
     async def rollout(self, prompt: PromptMessage) -> ScoredGroup:
-        """Generate and score one group (no bus involved)."""
+        """Generate and score one group (no bus involved but the image store)."""
         ids = self.service.tokenize(prompt.prompt)
         limit = self.service.config.model.max_model_len
         if not ids:
             raise PromptRejected("the prompt is empty")
         if len(ids) >= limit:
             raise PromptRejected(f"the prompt has {len(ids)} tokens; the context is {limit}")
-        params = rollout_params(prompt, min(prompt.max_tokens, limit - len(ids)))
+        request: Sequence[int] | ImagePrompt = ids
+        if prompt.images:
+            # The engine's processor expands each image's placeholder into its patch tokens.
+            pictures = await self._pictures(prompt)
+            request = {"prompt": prompt.prompt, "multi_modal_data": {"image": pictures}}
+        forbidden = self.service.vision_token_ids
+        params = rollout_params(prompt, min(prompt.max_tokens, limit - len(ids)), forbidden)
         started = time.perf_counter()
-        gen = await self.service.generate([ids], params)
+        gen = await self.service.generate([request], params)
         waited = time.perf_counter() - started
         # The engine's own time; the rest is waiting at the version gate (a reload running).
         self._observe("generate", gen.seconds)
@@ -336,6 +377,15 @@ class RolloutWorker:
         return build_group(
             prompt, output, texts, scores, version=gen.version, replica=self.service.replica
         )
+
+    def _count(self, group: ScoredGroup) -> None:
+        """One more group, and its prompt's text and picture tokens."""
+        metrics = self.service.metrics
+        metrics.groups.inc()
+        image_id = getattr(self.service, "image_token_id", None)
+        images = int((group.prompt_token_ids == image_id).sum()) if image_id is not None else 0
+        metrics.prompt_tokens.labels("image").inc(images)
+        metrics.prompt_tokens.labels("text").inc(len(group.prompt_token_ids) - images)
 
     def _observe(self, phase: str, seconds: float) -> None:
         """One group's time in ``phase`` (``mapo_inference_rollout_seconds``)."""

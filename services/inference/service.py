@@ -25,7 +25,8 @@ from services.core.schemas import WeightAnnouncement
 from services.inference.generation import EngineUnavailable, Generation, PromptRejected
 from services.inference.metrics import InferenceMetrics
 from services.inference.reload import Candidate, ReloadRefused, WeightManager
-from services.inference.rollout_worker import RolloutWorker
+from services.inference.rollout_worker import ImagePrompt, RolloutWorker
+from services.models.arch import image_token_id, is_vision_language, placeholder_ids
 from services.weights.base_model import resolve_model_dir
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ class InferenceService:
         self.bus: Bus | None = None
         self.worker: RolloutWorker | None = None
         self.tokenizer: Any = None
+        #: Image and video placeholders of a vision-language model: never sampled.
+        self.vision_token_ids: frozenset[int] = frozenset()
+        self.image_token_id: int | None = None
         self.started_at = time.time()
         self.startup_error = ""
         self.ready = False
@@ -87,6 +91,9 @@ class InferenceService:
         await asyncio.to_thread(self._build_engine, build_async_engine, str(model_dir))
         assert self.engine is not None
         self.tokenizer = self.engine.get_tokenizer()
+        if is_vision_language(model_dir):
+            self.vision_token_ids = placeholder_ids(self.tokenizer)
+            self.image_token_id = image_token_id(model_dir)
         log.info("engine ready in %.1f s (%s)", time.perf_counter() - started, model_dir)
         self.weights = WeightManager(
             EngineReloader(self.engine),
@@ -263,9 +270,10 @@ class InferenceService:
             )
 
     async def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+        self, prompts: Sequence[Sequence[int] | ImagePrompt], params: SamplingParams
     ) -> Generation:
-        """Run prompts (token ids) through the engine with one weight version for all."""
+        """Run prompts (token ids, or text with pictures) through the engine with one weight
+        version for all."""
         engine = self.engine
         weights = self._require_weights()
         if engine is None or engine.errored:
@@ -274,11 +282,10 @@ class InferenceService:
         from vllm.inputs import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        async def one(ids: Sequence[int]) -> RequestOutput:
+        async def one(prompt: Sequence[int] | ImagePrompt) -> RequestOutput:
             final = None
-            async for out in engine.generate(
-                tokens_input(list(ids)), params, request_id=uuid.uuid4().hex
-            ):
+            request = prompt if isinstance(prompt, dict) else tokens_input(list(prompt))
+            async for out in engine.generate(request, params, request_id=uuid.uuid4().hex):
                 final = out
             assert final is not None
             return final

@@ -11,11 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.models.arch import QWEN2, QWEN2_5_VL, is_vision_language
+
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
     from services.core.config import RunConfig
 
 EOS_TOKEN = "<|endoftext|>"
@@ -54,30 +59,50 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 
-def vocab() -> dict[str, int]:
-    """Token -> id: the special tokens first, then one token per character."""
-    tokens = list(SPECIAL_TOKENS) + list(CHARS)
+def vocab(extra_special_tokens: Sequence[str] = ()) -> dict[str, int]:
+    """Token -> id: the special tokens first, then one token per character, then any extras.
+
+    Extras go last so that a model with more special tokens (the vision-language build) keeps
+    the character ids of the text-only one.
+    """
+    tokens = list(SPECIAL_TOKENS) + list(CHARS) + list(extra_special_tokens)
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def build_tokenizer(out_dir: Path) -> None:
-    """Write a fast (tokenizer.json) character-level tokenizer that vLLM and HF load."""
+def make_tokenizer(
+    extra_special_tokens: Sequence[str] = (),
+    *,
+    eos_token: str = EOS_TOKEN,
+    chat_template: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """A fast character-level tokenizer that vLLM and HF load, once saved.
+
+    ``extra_special_tokens`` are added as whole special tokens (each encodes to one id and is
+    never split into characters), e.g. the chat and vision markers of a vision-language model.
+    """
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     # BPE with no merges and no pre-tokenizer splits text into single characters.
-    core = Tokenizer(models.BPE(vocab=vocab(), merges=[], unk_token=UNK_TOKEN))
+    core = Tokenizer(models.BPE(vocab=vocab(extra_special_tokens), merges=[], unk_token=UNK_TOKEN))
     core.decoder = decoders.Fuse()
-    core.add_special_tokens(list(SPECIAL_TOKENS))
+    core.add_special_tokens(list(SPECIAL_TOKENS) + list(extra_special_tokens))
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        eos_token=EOS_TOKEN,
+        eos_token=eos_token,
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         clean_up_tokenization_spaces=False,
         model_max_length=PRESETS["0.5b"].max_position_embeddings,
     )
-    tok.save_pretrained(str(out_dir))
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def build_tokenizer(out_dir: Path) -> None:
+    """Write the text models' tokenizer (tokenizer.json) to ``out_dir``."""
+    make_tokenizer().save_pretrained(str(out_dir))
 
 
 def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
@@ -117,6 +142,10 @@ def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
 
 def parameter_count(model_dir: str | Path) -> int:
     """Parameters of a saved model, read from its config (no weights loaded)."""
+    if is_vision_language(model_dir):
+        from services.models.tiny_vl import saved_parameter_count
+
+        return saved_parameter_count(model_dir)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     h, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -127,7 +156,13 @@ def parameter_count(model_dir: str | Path) -> int:
 
 
 def cli_make_model(args: argparse.Namespace, config: RunConfig) -> int:
-    """``mapo make-model DIR --size tiny``."""
-    out = build_model(args.dir, args.size, args.seed)
-    print(f"wrote {args.size} model ({parameter_count(out):,} parameters) to {out}")
+    """``mapo make-model DIR [--size tiny] [--arch qwen2|qwen2_5_vl]``."""
+    arch = getattr(args, "arch", QWEN2)
+    if arch == QWEN2_5_VL:
+        from services.models.tiny_vl import build_vl_model
+
+        out = build_vl_model(args.dir, args.size, args.seed)
+    else:
+        out = build_model(args.dir, args.size, args.seed)
+    print(f"wrote {args.size} {arch} model ({parameter_count(out):,} parameters) to {out}")
     return 0

@@ -178,3 +178,9 @@ register_task(
     verifiers.arithmetic,
     description="the built-in demo task: 1 iff the stripped completion is the reference integer",
 )
+register_task(
+    "shapes",
+    verifiers.shapes,
+    description="the built-in vision task: 1 iff the stripped completion is the reference "
+    "colour or count, ignoring case",
+)

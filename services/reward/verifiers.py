@@ -221,6 +221,16 @@ def arithmetic(completion: str, answers: Sequence[str]) -> VerifierResult:
     return exact_match(completion, answers)
 
 
+def shapes(completion: str, answers: Sequence[str]) -> VerifierResult:
+    """The built-in vision task (a picture, ``"How many shapes?"`` -> ``"2"``): 1 iff the
+    stripped completion equals the reference colour name or digit, ignoring case, else 0.
+
+    Case is ignored because ``"Red"`` names the colour as well as ``"red"`` does; anything
+    more (``"red."``, ``"2 shapes"``) is wrong, so the tiny policy learns to stop.
+    """
+    return exact_match(completion.lower(), [a.lower() for a in answers])
+
+
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _LABEL_PUNCT = " \t\r\n.,;:!?\"'`*()[]{}$"
 

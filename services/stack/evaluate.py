@@ -190,16 +190,30 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The HF model and tokenizer, with a verified weight-store version loaded over it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    from services.models.arch import is_vision_language
 
     quiet_transformers()
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if is_vision_language(model_dir):
+        # The processor stands in for the tokenizer: evaluation takes the pictures through it.
+        tokenizer = AutoProcessor.from_pretrained(model_dir)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if version_dir is not None:
+        from services.weights.publish import model_names
         from services.weights.store import load_tensors
 
-        tensors = load_tensors(version_dir)
+        names = model_names(model)
+        tensors = {names.get(k, k): v for k, v in load_tensors(version_dir).items()}
         result = model.load_state_dict(tensors, strict=False)
         # Tied embeddings: a version carries no lm_head.weight, which the model derives.
         missing = [k for k in result.missing_keys if k != "lm_head.weight"]
@@ -228,6 +242,15 @@ def held_out(config: RunConfig) -> list[Example]:
     )
 
 
+def image_data_url(data: bytes) -> str:
+    """Encoded picture bytes as a data URL (the service decodes by content; the type is a
+    courtesy)."""
+    import base64
+
+    kind = "jpeg" if data.startswith(b"\xff\xd8") else "png"
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
+
+
 def _post_json(url: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -244,7 +267,9 @@ def service_accuracy(
     sampling: Sampling | None = None,
 ) -> tuple[float, str]:
     """Accuracy through a running service's completions API, greedy or (with ``sampling``)
-    the mean over its samples; (accuracy, model name)."""
+    the mean over its samples; (accuracy, model name). Problems with pictures go through the
+    chat API (rendered by the service's chat template, pictures as data URLs), one request
+    each."""
     from services.trainer.evaluation import is_correct
 
     base = base_url.rstrip("/")
@@ -260,8 +285,23 @@ def service_accuracy(
             "seed": sampling.seed,
         }
     hits = 0
-    for lo in range(0, len(examples), HTTP_BATCH):
-        chunk = examples[lo : lo + HTTP_BATCH]
+    pictured = [e for e in examples if e.images]
+    for e in pictured:
+        content: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": image_data_url(data)}} for data in e.images
+        ]
+        content.append({"type": "text", "text": e.prompt})
+        body = {
+            "model": name,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": MAX_NEW_TOKENS,
+            **decode,
+        }
+        choices = _post_json(base + "/v1/chat/completions", body, timeout_s)["choices"]
+        hits += sum(is_correct(c["message"]["content"], e.answer) for c in choices)
+    text_only = [e for e in examples if not e.images]
+    for lo in range(0, len(text_only), HTTP_BATCH):
+        chunk = text_only[lo : lo + HTTP_BATCH]
         body = {
             "model": name,
             "prompt": [e.prompt for e in chunk],

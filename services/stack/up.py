@@ -354,16 +354,15 @@ def starting_model(
             )
         print(f"model: {path} (from the config; no warm start)")
         return path, {"warmstart_seconds": 0.0, "warmstart_reused": False}
-    from services.stack.warmstart import WarmStartSettings, warm_start
+    from services.stack.warmstart import WarmStartSettings, arch_for, warm_start
 
     if not config.task.dataset.startswith("builtin:"):
         raise StartError(
             "the demo model is warm-started on a built-in task only",
             fix="set model.path to your own model for a dataset file",
         )
-    settings = warm or WarmStartSettings(
-        task=config.task.dataset.removeprefix("builtin:"), seed=config.task.seed
-    )
+    task = config.task.dataset.removeprefix("builtin:")
+    settings = warm or WarmStartSettings(task=task, seed=config.task.seed, arch=arch_for(task))
     result = warm_start(run_dir / "model", settings)
     return run_dir / "model", {
         "warmstart_seconds": 0.0 if result.reused else result.seconds,

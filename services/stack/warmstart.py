@@ -46,6 +46,8 @@ class WarmStartSettings:
 
     task: str = "arithmetic"
     size: str = "mini"
+    #: ``qwen2`` (text) or ``qwen2_5_vl`` (vision-language, for tasks with pictures).
+    arch: str = "qwen2"
     seed: int = 0
     lr: float = 1e-3
     batch_size: int = 128
@@ -78,6 +80,13 @@ class WarmStartResult:
         )
 
 
+def arch_for(task: str) -> str:
+    """The demo architecture of a built-in task: vision-language when its problems have
+    pictures."""
+    built = load_builtin(task, 0)
+    return "qwen2_5_vl" if built.train and built.train[0].images else "qwen2"
+
+
 def split_validation(train: Sequence[Example], count: int) -> tuple[list[Example], list[Example]]:
     """(problems to train on, validation problems): the last ``count`` training problems are
     held back. The test set is a different split of the task, so the two never meet."""
@@ -105,17 +114,51 @@ def band_distance(accuracy: float, low: float, high: float) -> float:
     return max(low - accuracy, accuracy - high, 0.0)
 
 
+@dataclass(frozen=True)
+class Pictures:
+    """Each example's pixel values and patch grid (vision-language warm starts)."""
+
+    pixel_values: list[torch.Tensor]
+    image_grid_thw: list[torch.Tensor]
+
+    def of(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
+        rows = idx.tolist()
+        return {
+            "pixel_values": torch.cat([self.pixel_values[i] for i in rows]),
+            "image_grid_thw": torch.cat([self.image_grid_thw[i] for i in rows]),
+        }
+
+
 def encode_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``prompt + answer + eos`` ids and labels that mask everything but the answer."""
+    tokenizer: Any, examples: Sequence[Example]
+) -> tuple[torch.Tensor, torch.Tensor, Pictures | None]:
+    """Right-padded ``prompt + answer + eos`` ids and labels that mask everything but the answer;
+    prompts rendered as the trainer issues them. ``tokenizer`` may be a vision-language model's
+    processor: the pictures then go through it, and their pixel values come back too."""
     import torch
 
+    from services.core.images import ImageLimits, decode_image
+    from services.core.prompts import PromptFormat
+    from services.trainer.evaluation import text_and_images
+
+    tokenizer, processor = text_and_images(tokenizer, None)
+    fmt = PromptFormat.for_tokenizer(tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
     rows: list[tuple[list[int], int]] = []
+    pictures = Pictures([], []) if processor is not None else None
     for ex in examples:
-        prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        text = fmt.render(ex.prompt, len(ex.images))
+        if pictures is not None and processor is not None:
+            images = [decode_image(data, ImageLimits()) for data in ex.images]
+            out = processor(text=[text], images=images, return_tensors="pt")
+            prompt = out["input_ids"][0].tolist()
+            pictures.pixel_values.append(out["pixel_values"])
+            pictures.image_grid_thw.append(out["image_grid_thw"])
+        else:
+            prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
         rows.append((prompt + answer + [eos], len(prompt)))
     width = max(len(ids) for ids, _ in rows)
@@ -124,7 +167,7 @@ def encode_examples(
     for i, (ids, n_prompt) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-    return input_ids, labels
+    return input_ids, labels, pictures
 
 
 def _accuracy_fn() -> Callable[..., float]:
@@ -154,10 +197,12 @@ def train(
     holding the evaluated weights closest to the band."""
     import torch
 
+    from services.trainer.vision import token_types
+
     accuracy_of = _accuracy_fn()
     torch.manual_seed(settings.seed)
-    input_ids, labels = encode_examples(tokenizer, train_set)
-    pad = tokenizer.pad_token_id
+    input_ids, labels, pictures = encode_examples(tokenizer, train_set)
+    pad = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     batches = batch_indices(len(input_ids), settings.batch_size, settings.seed)
     start = time.monotonic()
@@ -167,7 +212,11 @@ def train(
         idx = next(batches)
         model.train()
         batch, target = input_ids[idx], labels[idx]
-        loss = model(input_ids=batch, attention_mask=(batch != pad).long(), labels=target).loss
+        extra = pictures.of(idx) if pictures is not None else {}
+        if extra:
+            extra["mm_token_type_ids"] = token_types(model.config, batch)
+        mask = (batch != pad).long()
+        loss = model(input_ids=batch, attention_mask=mask, labels=target, **extra).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -234,10 +283,10 @@ def warm_start(
         return previous
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.models.tiny import build_model, parameter_count
-    from services.stack.evaluate import quiet_transformers
+    from services.models.tiny_vl import build_vl_model, saved_parameter_count
+    from services.stack.evaluate import load_policy, quiet_transformers
 
     quiet_transformers()
     random.seed(settings.seed)
@@ -247,16 +296,20 @@ def warm_start(
     # leaves a half-written model that a later run would mistake for a finished one.
     scratch = out.with_name(out.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
-    build_model(scratch, settings.size, settings.seed)
+    if settings.arch == "qwen2_5_vl":
+        build_vl_model(scratch, settings.size, settings.seed)
+        parameters = saved_parameter_count(scratch)
+    else:
+        build_model(scratch, settings.size, settings.seed)
+        parameters = parameter_count(scratch)
     log(
-        f"warm start: {settings.size} model ({parameter_count(scratch):,} parameters), "
+        f"warm start: {settings.size} {settings.arch} model ({parameters:,} parameters), "
         f"supervised on {len(train_set):,} {settings.task} problems until accuracy on "
         f"{len(validation)} validation problems reaches {settings.target_low:.0%} "
         f"(at most {settings.max_steps:,} steps)"
     )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tokenizer = AutoTokenizer.from_pretrained(scratch)
-    model = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32)
+    model, tokenizer = load_policy(scratch)
     start = time.monotonic()
     outcome = train(model, tokenizer, train_set, validation, settings, log)
     seconds = time.monotonic() - start

@@ -16,12 +16,14 @@ would bias the group's statistics. A group left with no rollout is not trainable
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from services.trainer.vision import GroupVision, RowVision
 
 if TYPE_CHECKING:  # only for hints: the GPU check imports this module without msgpack
     from services.core.schemas import ScoredGroup
@@ -42,6 +44,17 @@ class TrainBatch:
     correct: Tensor  # bool [B]: too stale, kept with truncated importance sampling
     group_ids: tuple[str, ...]  # sorted unique group ids
     sample_keys: tuple[tuple[str, int], ...]  # (group id, rollout index) of each row
+    #: Pictures of each group (aligned with ``group_ids``); empty for a text-only batch.
+    vision: tuple[GroupVision | None, ...] = ()
+    #: Token ids the engine never samples (picture placeholders): masked out of the policy.
+    never: tuple[int, ...] = ()
+
+    def row_vision(self, rows: Tensor | None = None) -> RowVision | None:
+        """The pictures of ``rows`` (all rows by default); None for a text-only batch."""
+        if not any(v is not None for v in self.vision):
+            return None
+        whole = RowVision(self.vision, self.group_index)
+        return whole if rows is None else whole.subset(rows)
 
     @property
     def size(self) -> int:
@@ -72,6 +85,8 @@ class TrainBatch:
             correct=move(self.correct),
             group_ids=self.group_ids,
             sample_keys=self.sample_keys,
+            vision=tuple(None if v is None else v.to(device) for v in self.vision),
+            never=self.never,
         )
 
 
@@ -99,13 +114,17 @@ def collate(
     max_len: int,
     staleness: Mapping[str, int] | None = None,
     correct: frozenset[str] = frozenset(),
+    vision: Mapping[str, GroupVision] | None = None,
+    never: Collection[int] = (),
 ) -> TrainBatch:
     """Stack the scored rollouts of ``groups`` into a :class:`TrainBatch`.
 
     ``staleness`` maps group id to its staleness (0 when absent); groups in ``correct`` get
-    truncated importance sampling. A response is cut where prompt plus response would pass
-    ``max_len``.
+    truncated importance sampling; ``vision`` holds the pictures of the groups that have any;
+    ``never`` the token ids the engine is told never to sample.
+    A response is cut where prompt plus response would pass ``max_len``.
     """
+    vision = vision or {}
     staleness = staleness or {}
     ids_sorted = tuple(sorted({g.group_id for g in groups if trainable(g)}))
     row_of = {gid: i for i, gid in enumerate(ids_sorted)}
@@ -163,4 +182,6 @@ def collate(
         correct=torch.tensor(corr, dtype=torch.bool),
         group_ids=ids_sorted,
         sample_keys=tuple(keys),
+        vision=tuple(vision.get(gid) for gid in ids_sorted) if vision else (),
+        never=tuple(sorted(never)),
     )

@@ -19,7 +19,7 @@ side) and only those.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from services.core.config import BusConfig
@@ -154,9 +154,14 @@ class PromptProducer:
             self.budget.add(p.prompt_id)
         return ids
 
-    async def fill(self, prompts: Iterator[PromptMessage]) -> int:
+    async def fill(
+        self,
+        prompts: Iterator[PromptMessage],
+        prepare: Callable[[Sequence[PromptMessage]], Awaitable[None]] | None = None,
+    ) -> int:
         """Publish from ``prompts`` until the budget is full; returns how many were published.
-        Draws no more items from the iterator than it publishes."""
+        Draws no more items from the iterator than it publishes; ``prepare`` runs on the batch
+        first (the feeder stores the prompts' images there)."""
         batch: list[PromptMessage] = []
         for _ in range(self.budget.room()):
             nxt = next(prompts, None)
@@ -164,6 +169,8 @@ class PromptProducer:
                 break
             batch.append(nxt)
         if batch:
+            if prepare is not None:
+                await prepare(batch)
             await self.publish(batch)
         return len(batch)
 

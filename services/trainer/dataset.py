@@ -3,7 +3,11 @@
 Sources (``task.dataset``): ``builtin:NAME`` (a built-in task's train split, or its held-out or
 out-of-domain split for evaluation); a ``.jsonl`` / ``.json`` file; a ``.parquet`` file (needs ``pyarrow``); a
 directory written by ``datasets.save_to_disk`` (needs ``datasets``). Every record needs
-``prompt`` and ``answer``; ``task`` defaults to ``task.name`` and ``id`` to the record's index.
+``prompt`` (or ``problem``, as in the public Geo3K conversions) and ``answer``; ``task`` defaults
+to ``task.name`` and ``id`` to the record's index. A record may carry pictures under ``images``
+(a list) or ``image``: file paths (relative to the dataset file), encoded bytes, a Hugging Face
+``datasets`` image value (``{"bytes", "path"}``, or a decoded picture). ``<image>`` markers in
+the prompt are dropped: the chat template places the pictures before the text.
 
 The order is a pure function of the seed and the position: epoch ``e`` visits the examples in
 ``shuffle(range(n), seed + e)``, so a checkpoint stores just ``(epoch, index)`` and a resumed run
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.core.images import encode_png
 from services.core.tasks import Example, load_builtin
 
 
@@ -26,25 +31,54 @@ class DatasetError(ValueError):
     """A dataset that cannot be read or has unusable records; the message says which."""
 
 
+def _image_bytes(item: Any, base: Path | None, where: str) -> bytes:
+    """One picture of a record as encoded bytes (see the module docstring for the forms)."""
+    if isinstance(item, Mapping):
+        if item.get("bytes"):
+            return bytes(item["bytes"])
+        item = item.get("path")
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, str) and item:
+        path = Path(item)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"{where}: cannot read image {item}: {exc.strerror}") from None
+    if hasattr(item, "save"):  # a decoded picture (datasets' Image feature)
+        return encode_png(item)
+    raise DatasetError(f"{where}: an image must be a path, bytes or an image value")
+
+
+def _images_of(rec: Mapping[str, Any], base: Path | None, where: str) -> tuple[bytes, ...]:
+    raw = rec.get("images", rec.get("image"))
+    if raw is None:
+        return ()
+    items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    return tuple(_image_bytes(item, base, where) for item in items)
+
+
 def _records_to_examples(
-    records: Iterable[Mapping[str, Any]], task: str, where: str
+    records: Iterable[Mapping[str, Any]], task: str, where: str, base: Path | None = None
 ) -> list[Example]:
     out: list[Example] = []
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
             raise DatasetError(f"{where}: record {i} is not an object")
-        missing = [k for k in ("prompt", "answer") if k not in rec]
-        if missing:
-            raise DatasetError(f"{where}: record {i} lacks {missing} (needs prompt and answer)")
-        prompt, answer = rec["prompt"], rec["answer"]
-        if not isinstance(prompt, str) or not prompt:
+        prompt = rec.get("prompt", rec.get("problem"))
+        if prompt is None or "answer" not in rec:
+            raise DatasetError(f"{where}: record {i} needs a prompt (or problem) and an answer")
+        if not isinstance(prompt, str) or not prompt.replace("<image>", "").strip():
             raise DatasetError(f"{where}: record {i} has an empty or non-text prompt")
         out.append(
             Example(
                 id=str(rec.get("id", i)),
-                prompt=prompt,
-                answer=str(answer),
+                prompt=prompt.replace("<image>", "").strip(),
+                answer=str(rec["answer"]),
                 task=str(rec.get("task") or task),
+                images=_images_of(rec, base, f"{where}: record {i}"),
             )
         )
     if not out:
@@ -101,15 +135,17 @@ def load_examples(spec: str, task: str, seed: int = 0, split: str = "train") -> 
     if not path.exists():
         raise DatasetError(f"dataset {spec} not found (a path, or builtin:NAME)")
     if path.is_dir():
-        return _records_to_examples(_read_saved_dataset(path, split), task, spec)
+        return _records_to_examples(_read_saved_dataset(path, split), task, spec, path)
     suffix = path.suffix.lower()
+    base = path.parent
     if suffix == ".jsonl":
-        return _records_to_examples(_read_jsonl(path), task, spec)
+        return _records_to_examples(_read_jsonl(path), task, spec, base)
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
-        return _records_to_examples(data if isinstance(data, list) else [data], task, spec)
+        records = data if isinstance(data, list) else [data]
+        return _records_to_examples(records, task, spec, base)
     if suffix == ".parquet":
-        return _records_to_examples(_read_parquet(path), task, spec)
+        return _records_to_examples(_read_parquet(path), task, spec, base)
     raise DatasetError(f"dataset {spec}: unknown format (use .jsonl, .json, .parquet or builtin:)")
 
 

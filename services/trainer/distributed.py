@@ -307,9 +307,10 @@ class RowShard:
         rows = torch.arange(b, device=input_ids.device)
         out: dict[str, Tensor | None] | None = None
         for part, share in self._pieces(rows, micro_batch):
-            scored = fn(
-                model, input_ids[part], attention_mask[part], micro_batch=len(part), **kwargs
-            )
+            kw = dict(kwargs)
+            if kw.get("vision") is not None:
+                kw["vision"] = kw["vision"].subset(part)
+            scored = fn(model, input_ids[part], attention_mask[part], micro_batch=len(part), **kw)
             values = {f.name: getattr(scored, f.name) for f in dataclasses.fields(scored)}
             if out is None:
                 out = {

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from services.core.images import ImageLimits, decode_image
+from services.core.prompts import PromptFormat
 from services.core.tasks import Example
 
 
@@ -56,6 +58,34 @@ class Sampling:
     seed: int = 0
 
 
+def text_and_images(tokenizer: Any, processor: Any | None) -> tuple[Any, Any | None]:
+    """(tokenizer, processor): a vision-language model's processor may be passed as the
+    tokenizer (``mapo eval`` and the warm start load one object per model)."""
+    if processor is None and hasattr(tokenizer, "image_processor"):
+        return tokenizer.tokenizer, tokenizer
+    return tokenizer, processor
+
+
+def _encode(
+    tokenizer: Any,
+    processor: Any | None,
+    prompts: Sequence[str],
+    images: Sequence[tuple[bytes, ...]],
+    pad: int,
+) -> dict[str, torch.Tensor]:
+    """Model inputs of rendered prompts, left-padded: token ids and mask, plus the pictures'
+    pixel values through the processor when any prompt has images."""
+    if processor is None or not any(images):
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids, mask = left_pad(encoded, pad)
+        return {"input_ids": ids, "attention_mask": mask}
+    pictures = [decode_image(data, ImageLimits()) for group in images for data in group]
+    out = processor(
+        text=list(prompts), images=pictures, padding=True, padding_side="left", return_tensors="pt"
+    )
+    return dict(out)
+
+
 @torch.no_grad()
 def _completions(
     model: Any,
@@ -65,9 +95,14 @@ def _completions(
     max_new_tokens: int,
     batch_size: int,
     sampling: Sampling | None,
+    images: Sequence[tuple[bytes, ...]] = (),
+    processor: Any | None = None,
 ) -> list[str]:
     """Continuations up to eos, decoded without special tokens, in left-padded batches; with
-    ``sampling``, ``sampling.samples`` per prompt, consecutive."""
+    ``sampling``, ``sampling.samples`` per prompt, consecutive. ``images``: each prompt's
+    pictures (vision-language models, with their ``processor``)."""
+    images = list(images) or [()] * len(prompts)
+    tokenizer, processor = text_and_images(tokenizer, processor)
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
@@ -92,15 +127,12 @@ def _completions(
             torch.manual_seed(sampling.seed)
         try:
             for lo in range(0, len(prompts), step):
-                encoded = [
-                    tokenizer(p, add_special_tokens=False)["input_ids"]
-                    for p in prompts[lo : lo + step]
-                ]
-                ids, mask = left_pad(encoded, pad)
-                width = ids.shape[1]
+                inputs = _encode(
+                    tokenizer, processor, prompts[lo : lo + step], images[lo : lo + step], pad
+                )
+                width = inputs["input_ids"].shape[1]
                 generated = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
+                    **{k: v.to(device) for k, v in inputs.items()},
                     max_new_tokens=max_new_tokens,
                     eos_token_id=eos,
                     pad_token_id=pad,
@@ -122,6 +154,8 @@ def greedy_completions(
     *,
     max_new_tokens: int = 8,
     batch_size: int = 256,
+    images: Sequence[tuple[bytes, ...]] = (),
+    processor: Any | None = None,
 ) -> list[str]:
     """Greedy continuations up to eos, decoded without special tokens; left-padded batches."""
     return _completions(
@@ -131,6 +165,8 @@ def greedy_completions(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         sampling=None,
+        images=images,
+        processor=processor,
     )
 
 
@@ -142,6 +178,8 @@ def sampled_completions(
     *,
     max_new_tokens: int = 8,
     batch_size: int = 256,
+    images: Sequence[tuple[bytes, ...]] = (),
+    processor: Any | None = None,
 ) -> list[list[str]]:
     """``sampling.samples`` sampled continuations per prompt (one list per prompt)."""
     if sampling.samples < 1 or sampling.temperature <= 0.0:
@@ -156,6 +194,8 @@ def sampled_completions(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         sampling=sampling,
+        images=images,
+        processor=processor,
     )
     k = sampling.samples
     return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
@@ -168,16 +208,22 @@ def evaluate(
     *,
     max_new_tokens: int = 8,
     batch_size: int = 256,
+    prompt_format: PromptFormat | None = None,
+    processor: Any | None = None,
 ) -> EvalResult:
-    """Share of ``examples`` whose greedy completion is exactly the answer."""
+    """Share of ``examples`` whose greedy completion is exactly the answer; prompts rendered
+    with ``prompt_format`` (as the trainer issues them), pictures through ``processor``."""
     if not examples:
         return EvalResult(0.0, 0, 0, ())
+    fmt = prompt_format or PromptFormat.for_tokenizer(text_and_images(tokenizer, processor)[0])
     completions = greedy_completions(
         model,
         tokenizer,
-        [e.prompt for e in examples],
+        [fmt.render(e.prompt, len(e.images)) for e in examples],
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        images=[e.images for e in examples],
+        processor=processor,
     )
     hits = sum(is_correct(c, e.answer) for c, e in zip(completions, examples, strict=True))
     return EvalResult(hits / len(examples), hits, len(examples), tuple(completions))
@@ -191,17 +237,22 @@ def sampled_accuracy(
     *,
     max_new_tokens: int = 8,
     batch_size: int = 256,
+    prompt_format: PromptFormat | None = None,
+    processor: Any | None = None,
 ) -> float:
     """Mean exact-match accuracy over ``sampling.samples`` sampled completions per example."""
     if not examples:
         return 0.0
+    fmt = prompt_format or PromptFormat.for_tokenizer(text_and_images(tokenizer, processor)[0])
     per_prompt = sampled_completions(
         model,
         tokenizer,
-        [e.prompt for e in examples],
+        [fmt.render(e.prompt, len(e.images)) for e in examples],
         sampling,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        images=[e.images for e in examples],
+        processor=processor,
     )
     hits = sum(
         is_correct(c, e.answer)

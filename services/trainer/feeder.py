@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from services.core.config import RunConfig
+from services.core.images import image_ref
+from services.core.prompts import PromptFormat
 from services.core.schemas import PromptMessage, ScoredGroup
 from services.trainer.budget import PromptProducer
 from services.trainer.dataset import Position, PromptOrder
 from services.transport import Bus, Delivery
+from services.transport.images import image_store
 from services.transport.names import TRAINER_GROUP
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ class Feeder:
         order: PromptOrder,
         run_id: str,
         version: Callable[[], int],
+        prompt_format: PromptFormat | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -50,6 +54,10 @@ class Feeder:
         self.order = order
         self.run_id = run_id
         self.version = version
+        self.prompt_format = prompt_format or PromptFormat()
+        self.images = image_store(bus, config)
+        self._staged: dict[str, bytes] = {}  # images of drawn prompts, stored before publishing
+        self._stored: set[str] = set()
         self.queue: asyncio.Queue[Delivery[ScoredGroup]] = asyncio.Queue()
         self.unconsumed: set[str] = set()  # ids read into the queue, not yet taken
         self._lock = asyncio.Lock()
@@ -104,17 +112,29 @@ class Feeder:
         async with self._lock:
             before = self.order.position
             try:
-                await self.producer.fill(prompts)
+                await self.producer.fill(prompts, prepare=self._store_images)
             except BaseException:
                 self.order.position = before
                 raise
 
+    async def _store_images(self, batch: Sequence[PromptMessage]) -> None:
+        """Put the images of ``batch`` into the store before the prompts that name them go out
+        (each once per process: the store keeps them by content)."""
+        for msg in batch:
+            for ref in msg.images:
+                if ref not in self._stored:
+                    await self.images.put(self._staged[ref])
+                    self._stored.add(ref)
+        self._staged.clear()
+
     def _prompts(self) -> Iterator[PromptMessage]:
         r = self.config.rollout
         for pos, ex in self.order:
+            refs = tuple(image_ref(data) for data in ex.images)
+            self._staged.update(zip(refs, ex.images, strict=True))
             yield PromptMessage(
                 prompt_id=f"{self.run_id}:{pos.epoch}:{pos.index}",
-                prompt=ex.prompt,
+                prompt=self.prompt_format.render(ex.prompt, len(ex.images)),
                 answer=ex.answer,
                 task=ex.task,
                 group_size=r.group_size,
@@ -123,6 +143,7 @@ class Feeder:
                 max_tokens=r.max_tokens,
                 issued_version=self.version(),
                 created_at=time.time(),
+                images=refs,
             )
 
 

@@ -17,9 +17,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from services.trainer.vision import token_types
+
+if TYPE_CHECKING:
+    from services.trainer.vision import RowVision
+
+
+NEVER_LOGIT = -1e4
 
 
 @dataclass(frozen=True)
@@ -54,15 +63,29 @@ def forward_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     amp_dtype: torch.dtype | None = None,
+    vision: RowVision | None = None,
+    never: tuple[int, ...] = (),
 ) -> TokenScores:
     """One forward pass over rows already trimmed to their longest sequence.
 
     ``logprobs`` keeps the graph (when grad is enabled); the entropy is a diagnostic, always
     computed without one, so asking for it from a forward pass with grad adds no backward work.
+    ``vision``: the pictures of these rows (vision-language models). ``never``: token ids the
+    engine never samples (a vision-language model's picture placeholders): they get no mass
+    here either, so both sides score the same distribution.
     """
+    extra = vision.kwargs() if vision is not None else {}
+    if extra:
+        extra["mm_token_type_ids"] = token_types(model.config, input_ids)
     with autocast(input_ids.device, amp_dtype):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+        ).logits
     logits = logits[:, :-1].float()
+    if never:
+        # Finite: the prompt's own placeholders are targets too, and -inf there would turn
+        # masked-out columns into NaN; exp(-1e4) is 0 in float32 all the same.
+        logits[..., list(never)] = NEVER_LOGIT
     targets = input_ids[:, 1:, None]
     t = effective_temperature(temperature)
     scaled = logits / t if t != 1.0 else logits
@@ -87,6 +110,8 @@ def score_tokens(
     temperature: float = 1.0,
     with_entropy: bool = False,
     amp_dtype: torch.dtype | None = None,
+    vision: RowVision | None = None,
+    never: tuple[int, ...] = (),
 ) -> TokenScores:
     """Log-probs of a whole batch without gradients, ``micro_batch`` rows at a time."""
     b, width = input_ids.shape
@@ -103,6 +128,8 @@ def score_tokens(
             temperature=temperature,
             with_entropy=with_entropy,
             amp_dtype=amp_dtype,
+            vision=None if vision is None else vision.subset(torch.arange(b)[rows]),
+            never=never,
         )
         logprobs[rows, : n - 1] = out.logprobs
         if entropy is not None and out.entropy is not None:

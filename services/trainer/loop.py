@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core.config import RunConfig
+from services.core.images import ImageError
 from services.core.schemas import ScoredGroup
 from services.trainer import checkpoint as ckpt
 from services.trainer.admission import Action, RunView, Verdict, admit
@@ -44,8 +45,10 @@ from services.trainer.feeder import Feeder
 from services.trainer.ledger import AppliedLedger, DeferredAcks
 from services.trainer.metrics import JsonlLog, TrainerMetrics
 from services.trainer.model import Learner
+from services.trainer.vision import GroupVision
 from services.transport import Bus, Delivery
 from services.transport.factory import make_bus
+from services.transport.images import ImageStore, image_store
 from services.weights.publish import WeightPublisher, base_tensor_spec
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,7 @@ class Batch:
     corrected: set[str] = field(default_factory=set)
     dropped_ids: list[str] = field(default_factory=list)
     filtered_ids: list[str] = field(default_factory=list)
+    vision: dict[str, GroupVision] = field(default_factory=dict)
 
     def add(self, d: Delivery[ScoredGroup], verdict: Verdict) -> None:
         g = d.message
@@ -151,6 +155,7 @@ class TrainerRun:
         self.bus: Bus | None = None
         self.producer: PromptProducer | None = None
         self.feeder: Feeder | None = None
+        self.images: ImageStore | None = None
         self.publisher: WeightPublisher | None = None
         self.acks: DeferredAcks | None = None
         self.last_checkpoint = state.step
@@ -202,8 +207,15 @@ class TrainerRun:
                 cfg.trainer.in_flight,
                 deferred=cfg.trainer.checkpoint_every * cfg.trainer.prompts_per_step,
             )
+            self.images = image_store(self.bus, cfg)
             self.feeder = Feeder(
-                cfg, self.bus, self.producer, self.order, self.state.run_id, self._version
+                cfg,
+                self.bus,
+                self.producer,
+                self.order,
+                self.state.run_id,
+                self._version,
+                self.learner.prompt_format,
             )
             await self._start()
             feeding = asyncio.create_task(self.feeder.run(), name="trainer-feeder")
@@ -267,7 +279,11 @@ class TrainerRun:
         # 2. Train on it (in a thread, so the feeder keeps the prompt stream full).
         lr = self.learner.set_step(self.state.step)
         result = await asyncio.to_thread(
-            self.learner.train, batch.groups, batch.staleness, frozenset(batch.corrected)
+            self.learner.train,
+            batch.groups,
+            batch.staleness,
+            frozenset(batch.corrected),
+            batch.vision,
         )
         self._applied(batch)
 
@@ -391,6 +407,8 @@ class TrainerRun:
         seen = _Either(self.state.ledger, batch.staleness)
         run = RunView(self.state.run_id, self.state.version, self.learner.vocab_size, seen)
         verdict = admit(d.message, run, self.config)
+        if verdict.action is Action.APPLY and (why := await self._see(d.message, batch)):
+            verdict = Verdict(Action.DEAD_LETTER, counter="dead_lettered", reason=why)
         if verdict.counter is not None:
             self.state.counters[verdict.counter] += 1
         if verdict.action is Action.APPLY:
@@ -404,6 +422,27 @@ class TrainerRun:
                 self.metrics.stale_groups.labels(action="dropped").inc()
             elif verdict.counter == "dapo_filtered":
                 batch.filtered_ids.append(d.message.group_id)
+
+    async def _see(self, g: ScoredGroup, batch: Batch) -> str | None:
+        """The group's pictures into ``batch.vision``; why the group cannot be trained on
+        (a picture missing, damaged or not the rollouts'), or None."""
+        vision = self.learner.vision
+        if vision is None:
+            return (
+                "trainer: the group has images but the policy is a text model" if g.images else None
+            )
+        why = vision.problem([r.token_ids for r in g.rollouts])
+        if why is not None or not g.images:
+            return why and f"trainer: {why}"
+        assert self.images is not None
+        try:
+            data = await self.images.get_all(g.images)
+            batch.vision[g.group_id] = await asyncio.to_thread(
+                vision.prepare, g.prompt, g.prompt_token_ids, data
+            )
+        except ImageError as exc:
+            return f"trainer: {exc}"
+        return None
 
     def _version(self) -> int:
         return self.state.version

@@ -52,6 +52,14 @@ MISMATCH_LAGS = {
 }
 
 
+#: ``mapo_trainer_tokens_per_sequence{kind}``: label -> the step record's field.
+TOKEN_KINDS = {
+    "prompt_text": "prompt_text_tokens_per_seq",
+    "image": "image_tokens_per_seq",
+    "response": "response_tokens_per_seq",
+}
+
+
 class TrainerMetrics:
     """Every series the trainer exports, in its own registry."""
 
@@ -132,6 +140,12 @@ class TrainerMetrics:
         self.tokens_per_second = Gauge(
             p + "tokens_per_second", "Trained tokens per second.", registry=r
         )
+        self.tokens_per_sequence = Gauge(
+            p + "tokens_per_sequence",
+            "Tokens per trained sequence of the last step, by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.publish_seconds = Histogram(
             p + "publish_seconds", "Weight publication latency.", buckets=PUBLISH_BUCKETS,
             registry=r,
@@ -169,6 +183,8 @@ class TrainerMetrics:
             self.mismatch_kl.labels(lag=lag)
         for split in ("train", "eval"):
             self.accuracy.labels(split=split)
+        for kind in TOKEN_KINDS:
+            self.tokens_per_sequence.labels(kind=kind)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` (a scrape target for Prometheus)."""
@@ -225,6 +241,8 @@ class TrainerMetrics:
         for phase in PHASES:
             put(self.phase_seconds.labels(phase=phase), f"{phase}_s")
         put(self.tokens_per_second, "tokens_per_s")
+        for kind, key in TOKEN_KINDS.items():
+            put(self.tokens_per_sequence.labels(kind=kind), key)
 
     def record_bus(self, stats: Iterable[StreamStats], dead_letter_stream: str) -> None:
         for st in stats:

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from services.core.config import RunConfig
+from services.core.images import limits_of
+from services.core.prompts import PromptFormat
 from services.core.schedule import lr_at
 from services.core.schemas import ScoredGroup
 from services.core.tasks import Example
@@ -39,6 +41,7 @@ from services.trainer.distributed import Op, Topology
 from services.trainer.evaluation import EvalResult, evaluate
 from services.trainer.step import StepResult, train_step
 from services.trainer.timing import PhaseTimer
+from services.trainer.vision import GroupVision, VisionProcessor
 
 if TYPE_CHECKING:
     from services.weights.publish import WeightPublisher
@@ -69,10 +72,24 @@ def precision(config: RunConfig, device: torch.device) -> tuple[torch.dtype | No
 
 
 def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    """A causal LM, or a vision-language model (image-text-to-text) when the config has a
+    vision tower."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model: nn.Module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    from services.models.arch import is_vision_language
+
+    auto = AutoModelForImageTextToText if is_vision_language(path) else AutoModelForCausalLM
+    model: nn.Module = auto.from_pretrained(str(path), dtype=dtype)
     return model.to(device)
+
+
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder of a vision-language model (``visual`` in Qwen2-VL-style models)."""
+    for owner in (model, getattr(model, "model", None)):
+        tower = getattr(owner, "visual", None)
+        if isinstance(tower, nn.Module):
+            return tower
+    return None
 
 
 @dataclass
@@ -92,6 +109,9 @@ class Learner:
     vocab_size: int
     topology: Topology = field(default_factory=Topology)
     step: int = 0
+    #: The processor of a vision-language policy; None for a text model.
+    vision: VisionProcessor | None = None
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
 
     @classmethod
     def build(cls, config: RunConfig, weights_from: str | Path | None = None) -> Learner:
@@ -108,6 +128,14 @@ class Learner:
         load_on = torch.device("cpu") if sharded else device
         model = load_causal_lm(weights_from or config.model.path, load_on, torch.float32)
         model.eval()  # no dropout in RL updates; gradients flow all the same
+        tower = vision_tower(model)
+        if tower is not None and sharded:
+            raise ValueError(
+                "sharded training (trainer.nproc > 1) of a vision-language model is not "
+                "supported yet; train it with trainer.nproc = 1"
+            )
+        if tower is not None and config.trainer.freeze_vision:
+            tower.requires_grad_(False)
         if config.trainer.activation_checkpointing:
             distributed.checkpoint_activations(model)
         ref = None
@@ -129,10 +157,14 @@ class Learner:
             weight_decay=o.weight_decay,
         )
         tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+        vision = None
+        if tower is not None:
+            vision = VisionProcessor.load(config.model.path, limits_of(config))
         pad = tokenizer.pad_token_id
         pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
         generator = torch.Generator().manual_seed(config.trainer.seed)
-        vocab = int(model.config.vocab_size)  # type: ignore[union-attr,arg-type]
+        text_config = getattr(model.config, "text_config", None) or model.config
+        vocab = int(text_config.vocab_size)
         return cls(
             config=config,
             model=model,
@@ -146,6 +178,8 @@ class Learner:
             pad_id=pad_id,
             vocab_size=vocab,
             topology=topology,
+            vision=vision,
+            prompt_format=PromptFormat.for_tokenizer(tokenizer, config.model.chat_template),
         )
 
     def set_step(self, step: int) -> float:
@@ -169,6 +203,7 @@ class Learner:
         groups: Sequence[ScoredGroup],
         staleness: Mapping[str, int],
         corrected: frozenset[str],
+        vision: Mapping[str, GroupVision] | None = None,
     ) -> StepResult:
         """Collate ``groups`` and apply them in one step; adds timing and token counts.
 
@@ -184,6 +219,8 @@ class Learner:
                 max_len=self.config.model.max_model_len,
                 staleness=staleness,
                 correct=corrected,
+                vision=vision,
+                never=self.vision.vision_token_ids if self.vision is not None else (),
             )
         return self.train_on(batch, timer, start)
 
@@ -213,9 +250,22 @@ class Learner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
+        result.metrics.update(self._token_kinds(batch))
         result.metrics["compute_s"] = seconds
         result.metrics["tokens_per_s"] = batch.tokens / seconds if seconds > 0 else None
         return result
+
+    def _token_kinds(self, batch: TrainBatch) -> dict[str, float | None]:
+        """Tokens per sequence: the prompt's text and picture patches, and the response."""
+        rows = max(batch.size, 1)
+        prompt = float(batch.attention_mask.sum()) - batch.response_tokens
+        image_id = getattr(self.model.config, "image_token_id", None)
+        images = float((batch.input_ids == image_id).sum()) if image_id is not None else 0.0
+        return {
+            "prompt_text_tokens_per_seq": (prompt - images) / rows,
+            "image_tokens_per_seq": images / rows,
+            "response_tokens_per_seq": batch.response_tokens / rows,
+        }
 
     def evaluate(self, examples: Sequence[Example]) -> EvalResult:
         """Greedy held-out accuracy (every rank decodes the same examples, in step)."""
@@ -226,6 +276,8 @@ class Learner:
             self.tokenizer,
             examples,
             max_new_tokens=self.config.rollout.max_tokens,
+            prompt_format=self.prompt_format,
+            processor=None if self.vision is None else self.vision.processor,
         )
         distributed.release(self.model)
         return result

@@ -117,6 +117,8 @@ def train_step(
             temperature=config.rollout.temperature,
             with_entropy=extras,
             amp_dtype=amp_dtype,
+            vision=batch.row_vision(),
+            never=batch.never,
         )
 
     # 1. The proximal policy (the weights before the first update) and the token entropy,
@@ -246,6 +248,8 @@ def _backward(
                 temperature=config.rollout.temperature,
                 with_entropy=fused,
                 amp_dtype=amp_dtype,
+                vision=batch.row_vision(micro),
+                never=batch.never,
             )
             lp = scored.logprobs
             if collected is not None:

@@ -62,6 +62,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.streams: dict[str, _Stream] = {}
         self.changed: dict[str, asyncio.Condition] = {}
+        self.blobs: dict[str, bytes] = {}
 
 
 class MemoryStreams(Streams):
@@ -235,6 +236,15 @@ class MemoryStreams(Streams):
     async def ack(self, stream: str, group: str, ids: Sequence[str]) -> int:
         _, g = self._group(stream, group)
         return sum(g.pending.pop(i, None) is not None for i in ids)
+
+    async def put_blob(self, key: str, data: bytes) -> bool:
+        if key in self.store.blobs:
+            return False
+        self.store.blobs[key] = bytes(data)
+        return True
+
+    async def get_blob(self, key: str) -> bytes | None:
+        return self.store.blobs.get(key)
 
     async def stats(self, stream: str) -> StreamStats:
         s = self._stream(stream)

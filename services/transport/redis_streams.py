@@ -370,6 +370,13 @@ class RedisStreams(Streams):
             )
         )
 
+    async def put_blob(self, key: str, data: bytes) -> bool:
+        return bool(await self._call("SET", lambda: self.redis.set(key, data, nx=True)))
+
+    async def get_blob(self, key: str) -> bytes | None:
+        value = await self._call("GET", lambda: self.redis.get(key))
+        return None if value is None else bytes(value)
+
     async def stats(self, stream: str) -> StreamStats:
         async def op() -> list[Any]:
             # One transaction, so "does not exist" is read from EXISTS, not from XINFO's error.

@@ -126,6 +126,15 @@ class Streams(ABC):
         """XACK; how many were still pending."""
 
     @abstractmethod
+    async def put_blob(self, key: str, data: bytes) -> bool:
+        """SET ``key`` to ``data`` unless it exists (content-addressed values never change);
+        whether it was written."""
+
+    @abstractmethod
+    async def get_blob(self, key: str) -> bytes | None:
+        """GET ``key``; None when it does not exist."""
+
+    @abstractmethod
     async def stats(self, stream: str) -> StreamStats:
         """XLEN and XINFO GROUPS; an absent stream has length 0 and no groups."""
 

@@ -40,6 +40,31 @@ def base_tensor_spec(model_dir: str | Path) -> ShapeSpec:
     return {name: shape for name, (shape, _dtype) in tensor_spec(model_dir).items()}
 
 
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names its checkpoint files use.
+
+    transformers may hold a model under other names than its files (Qwen2.5-VL's
+    ``model.language_model.*`` is ``model.*`` on disk, its ``model.visual.*`` is ``visual.*``);
+    replicas and the base checkpoint speak the file names, so versions are written in those.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(model, model.state_dict()))
+
+
+def model_names(model: nn.Module) -> dict[str, str]:
+    """Checkpoint name -> the model's own name of the same tensor (the inverse of
+    :func:`checkpoint_state`, for loading a version into a model)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    # One distinct stand-in per name (tied tensors share storage, so the real ones would not
+    # tell their names apart); renaming never looks at the values.
+    stand_ins = {name: torch.empty(0) for name in model.state_dict()}
+    own = {id(t): name for name, t in stand_ins.items()}
+    reverted = revert_weight_conversion(model, stand_ins)
+    return {ck: own[id(t)] for ck, t in reverted.items() if id(t) in own}
+
+
 def serving_tensors(
     model: nn.Module | Mapping[str, torch.Tensor],
     spec: Mapping[str, tuple[int, ...]],
@@ -47,7 +72,7 @@ def serving_tensors(
 ) -> dict[str, torch.Tensor]:
     """The model's tensors (or a state dict gathered from the trainer's ranks) named in
     ``spec``, cast to ``dtype``; refuses any mismatch."""
-    state = model.state_dict() if isinstance(model, nn.Module) else model
+    state = checkpoint_state(model) if isinstance(model, nn.Module) else model
     missing = sorted(set(spec) - set(state))
     wrong = sorted(n for n in spec if n in state and tuple(state[n].shape) != tuple(spec[n]))
     if missing or wrong:

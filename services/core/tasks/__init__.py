@@ -20,6 +20,8 @@ class Example:
     prompt: str
     answer: str
     task: str
+    #: Encoded images (PNG, JPEG, ...) shown with the prompt, in order; empty for text tasks.
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ def load_builtin(name: str, seed: int = 0) -> BuiltinTask:
 
 
 from services.core.tasks import arithmetic as _arithmetic  # noqa: E402  (registers itself)
+from services.core.tasks import shapes as _shapes  # noqa: E402  (registers itself)
 
 __all__ = ["BuiltinTask", "Example", "builtin_names", "load_builtin", "register_builtin"]
-del _arithmetic
+del _arithmetic, _shapes
