@@ -138,3 +138,24 @@ def test_dataset_records_bring_their_pictures(tmp_path: Path) -> None:
     path.write_text(json.dumps({"problem": "Find x.", "answer": "1", "images": ["nope.png"]}))
     with pytest.raises(DatasetError, match=r"cannot read image nope\.png"):
         load_examples(str(path), "math")
+
+
+def test_the_trainer_refuses_pictures_that_are_not_the_rollouts(tiny_vl_model: Path) -> None:
+    from services.trainer.vision import VisionProcessor
+
+    processor = VisionProcessor.load(str(tiny_vl_model), ImageLimits())
+    tokenizer = processor.processor.tokenizer
+    prompt = PromptFormat.load(tiny_vl_model).render("How many shapes?", 1)
+    picture = png(56, 56)
+    expanded = processor.processor(text=[prompt], images=[decode_image(picture, ImageLimits())])
+    ids = list(expanded["input_ids"][0])
+    vision = processor.prepare(prompt, ids, [picture])
+    assert vision.image_grid_thw.tolist() == [[1, 4, 4]] and vision.pixel_values.shape[0] == 16
+    # A bigger picture has more patch tokens than the rollouts were generated from.
+    with pytest.raises(ImageError, match="expands to"):
+        processor.prepare(prompt, ids, [png(112, 112)])
+    with pytest.raises(ImageError, match="cannot be decoded"):
+        processor.prepare(prompt, ids, [b"not a picture"])
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert processor.problem([[5, 6], [7]]) is None
+    assert processor.problem([[5], [6, pad]]) == "rollout 1 generated a vision special token"

@@ -25,7 +25,7 @@ from services.core.schemas import PromptMessage, ScoredGroup, WeightAnnouncement
 from services.inference.launcher import InferenceProcess
 from services.transport import INFERENCE_GROUP, make_bus
 from services.weights.store import WEIGHTS_FILE, WeightServer, write_version
-from tests.fixtures.redis import bus_config
+from tests.fixtures.redis import bus_config, bus_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -102,13 +102,7 @@ def service(
     store = tmp_path_factory.mktemp("weights")
     cfg = bus_config(redis_server.url).model_copy(update={"claim_idle_ms": 30_000})
     settings = [
-        f"bus.url={cfg.url}",
-        f"bus.prompts_stream={cfg.prompts_stream}",
-        f"bus.rollouts_stream={cfg.rollouts_stream}",
-        f"bus.weights_stream={cfg.weights_stream}",
-        f"bus.dead_letter_stream={cfg.dead_letter_stream}",
-        f"bus.block_ms={cfg.block_ms}",
-        f"bus.claim_idle_ms={cfg.claim_idle_ms}",
+        *bus_settings(cfg),
         f"reward.address={reward_server.address}",
         f"weights.store={store}",
         f"inference.admin_token={TOKEN}",

@@ -50,3 +50,32 @@ def test_mapo_up_with_the_demo_defaults_raises_held_out_accuracy(tmp_path: Path)
     )
     assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_nothing_left(run)
+
+
+#: The vision-language demo's RL steps (configs/vl-demo.toml).
+VL_STEPS = 60
+#: Minimum rise of held-out accuracy on the shapes task's 500 held-out problems (binomial std of
+#: one measurement at p ~ 0.5: 2.2 points, of a difference at most 3.2).
+VL_MIN_GAIN = 0.10
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT_S + 120)
+def test_the_vision_language_demo_raises_held_out_accuracy(tmp_path: Path) -> None:
+    """`mapo up --config configs/vl-demo.toml`: a tiny Qwen2.5-VL, warm-started on the shapes
+    task, learns from its pictures through the whole stack."""
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/vl-demo.toml", "--run-dir", str(run_dir)]
+    run = run_mapo_up([*args, "--steps", str(VL_STEPS)], TIMEOUT_S)
+    out = run.out
+    assert run.returncode == 0, out[-6000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == VL_STEPS and summary["eval_problems"] == 500
+    initial, final = summary["initial_accuracy"], summary["final_accuracy"]
+    assert 0.10 <= initial <= 0.70, summary
+    assert final - initial >= VL_MIN_GAIN, (
+        f"held-out accuracy went from {initial:.1%} to {final:.1%} "
+        f"(need +{VL_MIN_GAIN:.0%} in {VL_STEPS} steps):\n{out[-4000:]}"
+    )
+    assert_nothing_left(run)

@@ -27,14 +27,14 @@ from services.core.prompts import PromptFormat
 from services.core.schemas import PromptMessage, ScoredGroup
 from services.core.tasks import Example, load_builtin
 from services.inference.launcher import InferenceProcess
-from services.trainer.batch import collate
-from services.trainer.logprobs import score_tokens
+from services.trainer.batch import TrainBatch, collate
+from services.trainer.logprobs import TokenScores, score_tokens
 from services.trainer.model import load_causal_lm
 from services.trainer.step import train_step
 from services.trainer.vision import VisionProcessor
 from services.transport import make_bus
 from services.transport.images import ImageStore
-from tests.fixtures.redis import bus_config
+from tests.fixtures.redis import bus_config, bus_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,12 +60,7 @@ def vl_service(
     cfg = bus_config(redis_server.url).model_copy(update={"claim_idle_ms": 30_000})
     store = tmp_path_factory.mktemp("vl-weights")
     settings = [
-        f"bus.url={cfg.url}",
-        f"bus.prompts_stream={cfg.prompts_stream}",
-        f"bus.rollouts_stream={cfg.rollouts_stream}",
-        f"bus.weights_stream={cfg.weights_stream}",
-        f"bus.dead_letter_stream={cfg.dead_letter_stream}",
-        f"bus.block_ms={cfg.block_ms}",
+        *bus_settings(cfg),
         f"reward.address={reward_server.address}",
         f"weights.store={store}",
         f"task.max_image_bytes={MAX_IMAGE_BYTES}",
@@ -79,6 +74,35 @@ def vl_service(
     finally:
         code = proc.stop()
         assert code == 0, f"the service did not shut down cleanly ({code}):\n{proc.log()[-3000:]}"
+
+
+def scores_of(model: torch.nn.Module, batch: TrainBatch) -> TokenScores:
+    return score_tokens(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        micro_batch=8,
+        vision=batch.row_vision(),
+        never=batch.never,
+    )
+
+
+def recompute(
+    model: torch.nn.Module,
+    processor: VisionProcessor,
+    groups: Sequence[ScoredGroup],
+    examples: Sequence[Example],
+) -> tuple[TrainBatch, TokenScores]:
+    """The trainer's log-probs of the groups' rollouts, checked against the engine's."""
+    vision = {
+        g.group_id: processor.prepare(g.prompt, g.prompt_token_ids, list(ex.images))
+        for ex, g in zip(examples, groups, strict=True)
+    }
+    batch = collate(groups, pad_id=0, max_len=96, vision=vision, never=processor.vision_token_ids)
+    scores = scores_of(model, batch)
+    gap = (scores.logprobs - batch.behaviour_logprobs).abs()[batch.response_mask]
+    assert float(gap.max()) < LOGPROB_TOLERANCE, f"max |trainer - engine| = {float(gap.max())}"
+    return batch, scores
 
 
 def noise_png(size: int) -> bytes:
@@ -198,25 +222,10 @@ def test_vl_groups_travel_to_the_trainer_and_bad_images_are_dead_lettered(
             assert r.reward == (1.0 if r.text.strip().lower() == ex.answer else 0.0)
 
     # The trainer's side: pictures through the processor, checked against the engine's tokens.
-    vision = {
-        g.group_id: processor.prepare(g.prompt, g.prompt_token_ids, list(ex.images))
-        for ex, g in zip(examples, ordered, strict=True)
-    }
     with pytest.raises(ValueError, match="expands to"):
         processor.prepare(ordered[0].prompt, ordered[0].prompt_token_ids[:-1], examples[0].images)
     model = load_causal_lm(tiny_vl_model, torch.device("cpu"), torch.float32)
-    never = processor.vision_token_ids
-    batch = collate(ordered, pad_id=0, max_len=96, vision=vision, never=never)
-    scores = score_tokens(
-        model,
-        batch.input_ids,
-        batch.attention_mask,
-        micro_batch=8,
-        vision=batch.row_vision(),
-        never=batch.never,
-    )
-    gap = (scores.logprobs - batch.behaviour_logprobs).abs()[batch.response_mask]
-    assert float(gap.max()) < LOGPROB_TOLERANCE, f"max |trainer - engine| = {float(gap.max())}"
+    batch, scores = recompute(model, processor, ordered, examples)
 
     # One step with rewards that favour one rollout per group: its probability rises.
     favoured = torch.zeros(batch.size, dtype=torch.float64)
@@ -238,14 +247,7 @@ def test_vl_groups_travel_to_the_trainer_and_bad_images_are_dead_lettered(
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any("visual" in n for n in changed), "the vision tower is trained by default"
     assert any("visual" not in n for n in changed)
-    after = score_tokens(
-        model,
-        batch.input_ids,
-        batch.attention_mask,
-        micro_batch=8,
-        vision=batch.row_vision(),
-        never=batch.never,
-    )
+    after = scores_of(model, batch)
     rows = torch.tensor(sorted(first.values()))
     mask = batch.response_mask[rows]
     gained = ((after.logprobs - scores.logprobs)[rows] * mask).sum(-1)
@@ -328,22 +330,5 @@ def test_a_published_version_reaches_the_vl_engine(
         assert deadline, f"version 1 was never served:\n{vl_service.proc.log()[-3000:]}"
         run = uuid.uuid4().hex[:6]
     model, processor = load_policy(tiny_vl_model, directory)
-    vision_processor = VisionProcessor(processor, ImageLimits())
     ordered = [groups[f"{run}-{i}"] for i in range(len(examples))]
-    vision = {
-        g.group_id: vision_processor.prepare(g.prompt, g.prompt_token_ids, list(ex.images))
-        for ex, g in zip(examples, ordered, strict=True)
-    }
-    batch = collate(
-        ordered, pad_id=0, max_len=96, vision=vision, never=vision_processor.vision_token_ids
-    )
-    scores = score_tokens(
-        model,
-        batch.input_ids,
-        batch.attention_mask,
-        micro_batch=8,
-        vision=batch.row_vision(),
-        never=batch.never,
-    )
-    gap = (scores.logprobs - batch.behaviour_logprobs).abs()[batch.response_mask]
-    assert float(gap.max()) < LOGPROB_TOLERANCE, f"max |trainer - engine| = {float(gap.max())}"
+    recompute(model, VisionProcessor(processor, ImageLimits()), ordered, examples)

@@ -224,8 +224,40 @@ def _logprobs_block(completion: CompletionOutput, top: int, tokenizer: Any) -> d
 def build_router(service: InferenceService) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"])
 
-    def served_names() -> set[str]:
-        return {service.model, service.model.rstrip("/").rsplit("/", 1)[-1]}
+    def answer(
+        prefix: str, kind: str, version: int, choices: list[Any], prompt: int, completion: int
+    ) -> JSONResponse:
+        """The response envelope; it names the weight version that produced the choices. A
+        JSONResponse skips FastAPI's field-by-field encoding: this body can be large."""
+        return JSONResponse(
+            {
+                "id": f"{prefix}-{uuid.uuid4().hex}",
+                "object": kind,
+                "created": int(time.time()),
+                "model": service.model,
+                "system_fingerprint": f"mapo-weights-v{version}",
+                "weight_version": version,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            }
+        )
+
+    def not_serving(model: str) -> JSONResponse | None:
+        """The error for a request this replica cannot take now (another model, still loading)."""
+        if model not in {service.model, service.model.rstrip("/").rsplit("/", 1)[-1]}:
+            return error(
+                404,
+                f"model {model!r} is not served here; use {service.model!r}",
+                "not_found",
+                "model",
+            )
+        if not service.ready:
+            return error(503, "the model is still loading", "unavailable")
+        return None
 
     @router.get("/models")
     async def models() -> dict[str, Any]:
@@ -248,15 +280,8 @@ def build_router(service: InferenceService) -> APIRouter:
     async def completions(req: CompletionRequest) -> JSONResponse:
         from vllm.sampling_params import RequestOutputKind
 
-        if req.model not in served_names():
-            return error(
-                404,
-                f"model {req.model!r} is not served here; use {service.model!r}",
-                "not_found",
-                "model",
-            )
-        if not service.ready:
-            return error(503, "the model is still loading", "unavailable")
+        if (refused := not_serving(req.model)) is not None:
+            return refused
         try:
             prompt_ids = [service.tokenize(p) for p in req.prompts()]
             for ids in prompt_ids:
@@ -302,37 +327,16 @@ def build_router(service: InferenceService) -> APIRouter:
                     }
                 )
         prompt_tokens = sum(len(ids) for ids in prompt_ids)
-        # A JSONResponse skips FastAPI's field-by-field encoding: this body can be large.
-        return JSONResponse(
-            {
-                "id": f"cmpl-{uuid.uuid4().hex}",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": service.model,
-                "system_fingerprint": f"mapo-weights-v{gen.version}",
-                "weight_version": gen.version,
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            }
+        return answer(
+            "cmpl", "text_completion", gen.version, choices, prompt_tokens, completion_tokens
         )
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(req: ChatRequest) -> JSONResponse:
         from vllm.sampling_params import RequestOutputKind
 
-        if req.model not in served_names():
-            return error(
-                404,
-                f"model {req.model!r} is not served here; use {service.model!r}",
-                "not_found",
-                "model",
-            )
-        if not service.ready:
-            return error(503, "the model is still loading", "unavailable")
+        if (refused := not_serving(req.model)) is not None:
+            return refused
         cfg = service.config
         fmt = PromptFormat.for_tokenizer(service.tokenizer)
         try:
@@ -408,21 +412,8 @@ def build_router(service: InferenceService) -> APIRouter:
                 }
             )
         prompt_tokens = len(out.prompt_token_ids or ids)
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": service.model,
-                "system_fingerprint": f"mapo-weights-v{gen.version}",
-                "weight_version": gen.version,
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            }
+        return answer(
+            "chatcmpl", "chat.completion", gen.version, choices, prompt_tokens, completion_tokens
         )
 
     return router

@@ -57,7 +57,6 @@ class Feeder:
         self.prompt_format = prompt_format or PromptFormat()
         self.images = image_store(bus, config)
         self._staged: dict[str, bytes] = {}  # images of drawn prompts, stored before publishing
-        self._stored: set[str] = set()
         self.queue: asyncio.Queue[Delivery[ScoredGroup]] = asyncio.Queue()
         self.unconsumed: set[str] = set()  # ids read into the queue, not yet taken
         self._lock = asyncio.Lock()
@@ -118,13 +117,11 @@ class Feeder:
                 raise
 
     async def _store_images(self, batch: Sequence[PromptMessage]) -> None:
-        """Put the images of ``batch`` into the store before the prompts that name them go out
-        (each once per process: the store keeps them by content)."""
-        for msg in batch:
-            for ref in msg.images:
-                if ref not in self._stored:
-                    await self.images.put(self._staged[ref])
-                    self._stored.add(ref)
+        """Put the images of ``batch`` into the store before the prompts that name them go out.
+        Every time, not once per run: a write of a picture already there changes nothing (the
+        store keeps it by content), and a Redis that restarted without its data gets it back."""
+        for ref in dict.fromkeys(ref for msg in batch for ref in msg.images):
+            await self.images.put(self._staged[ref])
         self._staged.clear()
 
     def _prompts(self) -> Iterator[PromptMessage]:
