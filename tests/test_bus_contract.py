@@ -197,9 +197,11 @@ def test_an_entry_failing_max_deliveries_times_is_dead_lettered_with_the_reason(
                 await bus.release(got)  # processing failed
         assert attempts == s.config.max_deliveries
         (dead,) = await bus.dead_letters()
-        assert dead.message_id == "poison"
+        # Given up on without decoding it again: the payload is kept for inspection.
+        assert dead.payload == encode(make_prompt("poison")) and dead.message_id == ""
         assert dead.deliveries == s.config.max_deliveries + 1
         assert f"more than max_deliveries={s.config.max_deliveries}" in dead.reason
+        assert "not decoded again" in dead.reason
         assert (await bus.stats(stream)).group(INFERENCE_GROUP).pending == 0  # type: ignore[union-attr]
         await bus.publish(stream, make_prompt(1))
         assert len(await bus.read(stream, INFERENCE_GROUP, "r0", 10)) == 1

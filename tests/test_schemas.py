@@ -10,7 +10,9 @@ import msgpack
 import numpy as np
 import pytest
 
+from services.core.images import image_ref
 from services.core.schemas import (
+    DEFAULT_LIMITS,
     KIND_PROMPT,
     KIND_SCORED_GROUP,
     KIND_WEIGHTS,
@@ -21,6 +23,7 @@ from services.core.schemas import (
     SchemaError,
     ScoredGroup,
     WeightAnnouncement,
+    WireLimits,
     decode,
     encode,
 )
@@ -182,11 +185,11 @@ def test_nan_reward_is_rejected_on_both_sides() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda b: b.update(group_size=0), "group_size must be >= 1"),
-        (lambda b: b.update(group_size=True), "must be a number, got bool"),
-        (lambda b: b.update(top_p=1.5), "top_p"),
-        (lambda b: b.update(prompt_id=""), "prompt_id must not be empty"),
-        (lambda b: b.update(issued_version=-1), "must be >= 0"),
+        (lambda b: b.update(group_size=0), r"field 'group_size' must be an integer in \[1, "),
+        (lambda b: b.update(group_size=True), "'group_size' must be an integer .*, got bool"),
+        (lambda b: b.update(top_p=1.5), r"'top_p' must be finite and within \(0, 1\]"),
+        (lambda b: b.update(prompt_id=""), "'prompt_id' must be a string of 1 to 512 characters"),
+        (lambda b: b.update(issued_version=-1), r"'issued_version' must be an integer in \[0, "),
     ],
 )
 def test_invalid_prompt_fields_are_rejected(
@@ -211,10 +214,169 @@ def test_invalid_rollout_contents_are_rejected() -> None:
     body["rollouts"] = []
     with pytest.raises(SchemaError, match="at least one rollout"):
         decode(pack(body))
+    body = body_of(scored_group())
+    body["rollouts"][1]["terms"]["nan"] = math.nan
+    with pytest.raises(SchemaError, match=r"rollouts\[1\]\.terms\[\.\.\.\]: must be finite"):
+        decode(pack(body))
 
 
 def test_bad_manifest_digest_is_rejected() -> None:
     body = body_of(weights())
     body["manifest_sha256"] = "AB" * 32
     with pytest.raises(SchemaError, match="64 lowercase hex"):
+        decode(pack(body))
+
+
+# ----------------------------------------------------------------------------- bounds
+
+#: Bounds just above the test messages above, so one step past a bound is refused.
+TIGHT = WireLimits(
+    max_id_chars=8,
+    max_name_chars=12,
+    max_prompt_chars=16,
+    max_answer_chars=4,
+    max_completion_chars=32,
+    max_location_chars=32,
+    max_group_size=8,
+    max_tokens=32,
+    max_sequence_tokens=5,
+    max_reward_terms=2,
+    max_images=1,
+    max_version=40,
+    max_temperature=2.0,
+    max_abs_reward=1.0,
+    max_timestamp=2e9,
+)
+REF = image_ref(b"a picture")
+
+
+def _set(*path: Any, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(body: dict[str, Any]) -> None:
+        node = body
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return mutate
+
+
+def _ids(n: int) -> bytes:
+    return np.arange(n, dtype="<i4").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("make", "mutate", "message"),
+    [
+        (prompt, _set("prompt_id", value="x" * 9), "'prompt_id' must be a string of 1 to 8 char"),
+        (prompt, _set("prompt", value="x" * 17), "'prompt' must be a string of at most 16 char"),
+        (prompt, _set("answer", value="x" * 5), "'answer' must be a string of at most 4 char"),
+        (prompt, _set("task", value="x" * 13), "'task' must be a string of at most 12 char"),
+        (prompt, _set("group_size", value=9), r"'group_size' must be an integer in \[1, 8\]"),
+        (prompt, _set("group_size", value=2**62), r"'group_size' must be an integer in \[1, 8\]"),
+        (
+            prompt,
+            _set("temperature", value=2.5),
+            r"'temperature' must be finite and within \[0, 2\]",
+        ),
+        (prompt, _set("temperature", value=math.inf), "'temperature' must be finite"),
+        (prompt, _set("max_tokens", value=33), r"'max_tokens' must be an integer in \[1, 32\]"),
+        (prompt, _set("max_tokens", value=2**62), r"'max_tokens' must be an integer in \[1, 32\]"),
+        (
+            prompt,
+            _set("issued_version", value=41),
+            r"'issued_version' must be an integer in \[0, 40\]",
+        ),
+        (
+            prompt,
+            _set("created_at", value=3e9),
+            r"'created_at' must be finite and within \[0, 2e\+09\]",
+        ),
+        (prompt, _set("created_at", value=-1.0), "'created_at' must be finite and within"),
+        (prompt, _set("images", value=[REF, REF]), "'images' must be a list of at most 1 image"),
+        (scored_group, _set("group_id", value="x" * 9), "'group_id' must be a string of 1 to 8"),
+        (scored_group, _set("replica", value="x" * 13), "'replica' must be a string of at most 12"),
+        (
+            scored_group,
+            _set("policy_version", value=41),
+            r"'policy_version' must be an integer in \[0, 40\]",
+        ),
+        (
+            scored_group,
+            _set("prompt_token_ids", value=_ids(6)),
+            "'prompt_token_ids' must be bytes of at most 5 int32",
+        ),
+        (
+            scored_group,
+            _set("rollouts", 0, "text", value="x" * 33),
+            r"rollouts\[0\]: field 'text' must be a string of at most 32",
+        ),
+        (
+            scored_group,
+            _set("rollouts", 1, "token_ids", value=_ids(6)),
+            r"rollouts\[1\]: field 'token_ids' must be bytes of at most 5 int32",
+        ),
+        (
+            scored_group,
+            _set("rollouts", 0, "terms", "x", value=0.5),
+            r"rollouts\[0\]: field 'terms' must be a map of at most 2 reward terms",
+        ),
+        (
+            scored_group,
+            _set("rollouts", 0, "terms", value={"k" * 13: 0.5}),
+            r"rollouts\[0\]\.terms: every key must be a string of at most 12",
+        ),
+        (
+            scored_group,
+            _set("rollouts", 2, "terms", "format", value=-2.0),
+            r"rollouts\[2\]\.terms\[\.\.\.\]: must be finite and within \[-1, 1\]",
+        ),
+        (
+            scored_group,
+            _set("rollouts", 0, "reward", value=1.5),
+            r"rollouts\[0\]: field 'reward' must be finite and within \[-1, 1\]",
+        ),
+        (
+            scored_group,
+            _set("rollouts", 0, "status", value="s" * 13),
+            "'status' must be a string of at most 12",
+        ),
+        (
+            scored_group,
+            _set("rollouts", 0, "finish_reason", value="f" * 13),
+            "'finish_reason' must be a string of at most 12",
+        ),
+        (weights, _set("version", value=41), r"'version' must be an integer in \[0, 40\]"),
+        (weights, _set("step", value=2**62), r"'step' must be an integer in \[0, 40\]"),
+        (weights, _set("location", value="l" * 33), "'location' must be a string of 1 to 32"),
+    ],
+)
+def test_every_field_one_step_past_its_bound_is_refused_naming_the_field(
+    make: Callable[[], Message], mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    assert decode(encode(make()), limits=TIGHT) == make()  # within every bound as it is
+    body = body_of(make())
+    mutate(body)
+    with pytest.raises(SchemaError, match=message):
+        decode(pack(body), limits=TIGHT)
+
+
+def test_rollouts_past_the_group_bound_are_refused() -> None:
+    body = body_of(scored_group())
+    body["rollouts"] = body["rollouts"] * 3  # 9 rollouts
+    with pytest.raises(SchemaError, match="'rollouts' must be a list of at most 8 rollouts"):
+        decode(pack(body), limits=TIGHT)
+
+
+def test_a_payload_larger_than_the_bound_is_refused_before_it_is_parsed() -> None:
+    data = encode(scored_group())
+    with pytest.raises(SchemaError, match=f"payload of {len(data)} bytes exceeds 100"):
+        decode(data, limits=WireLimits(max_payload_bytes=100))
+
+
+def test_decode_without_limits_applies_the_defaults() -> None:
+    body = body_of(prompt())
+    body["group_size"] = DEFAULT_LIMITS.max_group_size
+    assert isinstance(decode(pack(body)), PromptMessage)
+    body["group_size"] += 1
+    with pytest.raises(SchemaError, match="group_size"):
         decode(pack(body))

@@ -8,11 +8,12 @@ an input from the network, and :func:`decode` validates every field before anyth
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, Final
 
 import msgspec
 import numpy as np
@@ -31,6 +32,62 @@ ROLLOUT_STATUSES: Final = frozenset({"scored", "cannot_score", "timed_out", "err
 
 class SchemaError(ValueError):
     """A payload that cannot be decoded or fails validation; the message says why."""
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Upper bounds on every field of every message kind; a payload past one is refused.
+
+    The defaults admit whatever a valid run config can produce (the config's own field bounds),
+    so they hold for any reader; ``transport.make_bus`` narrows some from the run config
+    (``wire_limits``). docs/bus.md lists every bound and where it comes from.
+    """
+
+    #: A whole payload (one stream entry).
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    #: ``prompt_id`` and ``group_id``.
+    max_id_chars: int = 512
+    #: ``task``, ``replica``, ``status``, ``finish_reason`` and reward-term names.
+    max_name_chars: int = 256
+    #: Prompt text (prompts and scored groups).
+    max_prompt_chars: int = 1 << 22
+    #: Reference answers; the reward service refuses longer ones.
+    max_answer_chars: int = 16 << 20
+    #: The text of one rollout; the reward service refuses longer ones.
+    max_completion_chars: int = 16 << 20
+    #: A weight announcement's ``location`` (directory or URL).
+    max_location_chars: int = 4096
+    #: A prompt's ``group_size`` (vLLM's ``n``) and the rollouts of one scored group.
+    max_group_size: int = 1024
+    #: A prompt's ``max_tokens``.
+    max_tokens: int = 131072
+    #: Token ids (and log-probs) of a prompt or of one rollout.
+    max_sequence_tokens: int = 131072
+    #: Reward terms of one rollout.
+    max_reward_terms: int = 64
+    #: Image references of one message.
+    max_images: int = MAX_IMAGES_PER_MESSAGE
+    #: ``issued_version``, ``policy_version``, ``version`` and ``step``.
+    max_version: int = (1 << 31) - 1
+    #: A prompt's sampling temperature.
+    max_temperature: float = 10.0
+    #: Absolute value of a reward and of each reward term.
+    max_abs_reward: float = 1e6
+    #: ``created_at`` in unix seconds (about the year 2514).
+    max_timestamp: float = float(1 << 34)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = type(f.default)  # int bounds must stay ints: msgspec compares exactly
+            if type(value) not in (kind, int) or not 0 < value < math.inf:
+                raise ValueError(
+                    f"WireLimits.{f.name} must be a finite {kind.__name__} > 0, got {value!r}"
+                )
+
+
+#: The limits ``decode`` applies when it is given none.
+DEFAULT_LIMITS: Final = WireLimits()
 
 
 @dataclass(frozen=True)
@@ -232,32 +289,204 @@ def encode(msg: Message) -> bytes:
 
 
 # ----------------------------------------------------------------------------- decoding
+#
+# Every field is decoded into a msgspec Struct whose types carry the bounds of a WireLimits
+# (``Annotated[..., Meta(...)]``): msgspec checks each length and range in C as it reads, so
+# an oversized list, string, byte array or map is refused before it is allocated, and a value
+# whose type does not fit its place is refused without descending into it. What types cannot
+# say (matching array lengths, token ids >= 0, log-probs <= 0, statuses, image references)
+# is checked afterwards, without per-token Python loops.
+
+_REF_CHARS: Final = len("sha256:") + 64
+_HEADER_VALUE_BYTES: Final = 64  # a kind or version larger than this is neither
+_MAX_REASON_CHARS: Final = 600
 
 
-def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if key not in d:
-        raise SchemaError(f"{where}: missing field '{key}'")
-    value = d[key]
-    if isinstance(value, bool) and typ in (int, float, (int, float)):
-        raise SchemaError(f"{where}: field '{key}' must be a number, got bool")
-    if not isinstance(value, typ):
-        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-        raise SchemaError(f"{where}: field '{key}' must be {names}, got {type(value).__name__}")
-    return value
+def clip(text: str, limit: int = _MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters: a reason quotes hostile input, which can be huge."""
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
 
 
-def _finite(d: dict[str, Any], key: str, where: str) -> float:
-    value = float(_get(d, key, (int, float), where))
-    if not math.isfinite(value):
-        raise SchemaError(f"{where}: field '{key}' must be finite, got {value}")
-    return value
+class _Fields:
+    """Annotated field types of one WireLimits, and what each must be, for error messages."""
+
+    def __init__(self) -> None:
+        self.said: dict[str, str] = {}
+
+    def text(self, name: str, most: int, *, least: int = 0) -> Any:
+        self.said[name] = (
+            f"a string of {least} to {most} characters"
+            if least
+            else f"a string of at most {most} characters"
+        )
+        return Annotated[str, msgspec.Meta(min_length=least, max_length=most)]
+
+    def integer(self, name: str, least: int, most: int) -> Any:
+        self.said[name] = f"an integer in [{least}, {most}]"
+        return Annotated[int, msgspec.Meta(ge=least, le=most)]
+
+    def number(self, name: str, least: float, most: float, *, above: bool = False) -> Any:
+        low = f"({least:g}" if above else f"[{least:g}"
+        self.said[name] = f"finite and within {low}, {most:g}]"
+        if above:
+            return Annotated[float, msgspec.Meta(gt=least, le=most)]
+        return Annotated[float, msgspec.Meta(ge=least, le=most)]
+
+    def array(self, name: str, most_items: int, dtype: str) -> Any:
+        self.said[name] = f"bytes of at most {most_items} {dtype} values ({4 * most_items} bytes)"
+        return Annotated[bytes, msgspec.Meta(max_length=4 * most_items)]
+
+    def items(self, name: str, item: Any, most: int, what: str) -> Any:
+        self.said[name] = f"a list of at most {most} {what}"
+        return Annotated[list[item], msgspec.Meta(max_length=most)]
+
+    def terms(self, name: str, value: Any, most: int, most_chars: int) -> Any:
+        self.said[name] = f"a map of at most {most} reward terms"
+        self.said[f"{name}{{}}"] = f"a string of at most {most_chars} characters"
+        self.said[f"{name}[]"] = self.said["reward"]
+        key = Annotated[str, msgspec.Meta(max_length=most_chars)]
+        return Annotated[dict[key, value], msgspec.Meta(max_length=most)]
 
 
-def _nonneg_int(d: dict[str, Any], key: str, where: str) -> int:
-    value = int(_get(d, key, int, where))
-    if value < 0:
-        raise SchemaError(f"{where}: field '{key}' must be >= 0, got {value}")
-    return value
+@dataclass(frozen=True)
+class _Decoders:
+    prompt: msgspec.msgpack.Decoder[Any]
+    group: msgspec.msgpack.Decoder[Any]
+    weights: msgspec.msgpack.Decoder[Any]
+    said: dict[str, str]
+
+
+@functools.lru_cache(maxsize=16)
+def _decoders(limits: WireLimits) -> _Decoders:
+    """The typed decoders of every message kind under ``limits`` (built once per limits)."""
+    L, f = limits, _Fields()
+    envelope = [("kind", str), ("v", int)]
+    shared = {
+        "prompt": f.text("prompt", L.max_prompt_chars),
+        "answer": f.text("answer", L.max_answer_chars),
+        "task": f.text("task", L.max_name_chars),
+        "created_at": f.number("created_at", 0.0, L.max_timestamp),
+    }
+    ref = Annotated[str, msgspec.Meta(max_length=_REF_CHARS)]
+    f.said["images[]"] = "an image reference (sha256:<hex>)"
+    images: tuple[str, Any, list[str]] = (
+        "images",
+        f.items("images", ref, L.max_images, "image references (sha256:<hex>)"),
+        [],
+    )
+    prompt = msgspec.defstruct(
+        "WirePrompt",
+        [
+            *envelope,
+            ("prompt_id", f.text("prompt_id", L.max_id_chars, least=1)),
+            ("prompt", shared["prompt"]),
+            ("answer", shared["answer"]),
+            ("task", shared["task"]),
+            ("group_size", f.integer("group_size", 1, L.max_group_size)),
+            ("temperature", f.number("temperature", 0.0, L.max_temperature)),
+            ("top_p", f.number("top_p", 0.0, 1.0, above=True)),
+            ("max_tokens", f.integer("max_tokens", 1, L.max_tokens)),
+            ("issued_version", f.integer("issued_version", 0, L.max_version)),
+            ("created_at", shared["created_at"]),
+            images,
+        ],
+        forbid_unknown_fields=True,
+    )
+    reward = f.number("reward", -L.max_abs_reward, L.max_abs_reward)
+    rollout = msgspec.defstruct(
+        "WireRollout",
+        [
+            ("text", f.text("text", L.max_completion_chars)),
+            ("token_ids", f.array("token_ids", L.max_sequence_tokens, "int32")),
+            ("logprobs", f.array("logprobs", L.max_sequence_tokens, "float32")),
+            ("reward", reward),
+            ("success", bool),
+            ("status", f.text("status", L.max_name_chars)),
+            ("terms", f.terms("terms", reward, L.max_reward_terms, L.max_name_chars)),
+            ("finish_reason", f.text("finish_reason", L.max_name_chars)),
+        ],
+        forbid_unknown_fields=True,
+    )
+    group = msgspec.defstruct(
+        "WireScoredGroup",
+        [
+            *envelope,
+            ("group_id", f.text("group_id", L.max_id_chars, least=1)),
+            ("prompt", shared["prompt"]),
+            ("prompt_token_ids", f.array("prompt_token_ids", L.max_sequence_tokens, "int32")),
+            ("answer", shared["answer"]),
+            ("task", shared["task"]),
+            ("policy_version", f.integer("policy_version", 0, L.max_version)),
+            ("replica", f.text("replica", L.max_name_chars)),
+            ("rollouts", f.items("rollouts", rollout, L.max_group_size, "rollouts")),
+            ("created_at", shared["created_at"]),
+            images,
+        ],
+        forbid_unknown_fields=True,
+    )
+    weights = msgspec.defstruct(
+        "WireWeights",
+        [
+            *envelope,
+            ("version", f.integer("version", 0, L.max_version)),
+            ("location", f.text("location", L.max_location_chars, least=1)),
+            ("manifest_sha256", f.text("manifest_sha256", 64, least=64)),
+            ("step", f.integer("step", 0, L.max_version)),
+            ("created_at", shared["created_at"]),
+        ],
+        forbid_unknown_fields=True,
+    )
+    return _Decoders(
+        prompt=msgspec.msgpack.Decoder(prompt),
+        group=msgspec.msgpack.Decoder(group),
+        weights=msgspec.msgpack.Decoder(weights),
+        said=f.said,
+    )
+
+
+_ERROR = re.compile(r"(?P<what>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?", re.S)
+_LAST = re.compile(r"(?P<parent>.*?)(?:\.(?P<name>\w+)|(?P<index>\[(?:\d+|\.\.\.)\]))")
+_FIELD = re.compile(r"Object (?P<how>missing required|contains unknown) field `(?P<name>.*)`", re.S)
+_GOT = re.compile(r"Expected `[^`]*`, got `(?P<got>[^`]*)`")
+
+
+def _validation_message(where: str, exc: msgspec.ValidationError, said: dict[str, str]) -> str:
+    """msgspec's message in this module's form: ``scored_group.rollouts[1]: field ...``."""
+    m = _ERROR.fullmatch(str(exc))
+    assert m is not None  # the pattern matches any text
+    what, path = m["what"], m["path"] or ""
+    if field_error := _FIELD.fullmatch(what):
+        how = "missing" if field_error["how"] == "missing required" else "unknown"
+        return clip(f"{where}{path}: {how} field '{field_error['name']}'")
+    got = _GOT.match(what)
+    got_text = f", got {got['got']}" if got else ""
+    last = _LAST.fullmatch(path)
+    name = (last["name"] or "") if last else ""
+    if m["key"]:
+        if not path:
+            return f"{where}: map keys must be strings{got_text}"
+        must = said.get(f"{name}{{}}", "a string")
+        return clip(f"{where}{path}: every key must be {must}{got_text}")
+    if last is None:
+        return clip(f"{where}: {what}")
+    if last["index"]:  # an item of a list or a value of a map
+        owner = _LAST.fullmatch(last["parent"])
+        item = said.get(f"{owner['name'] if owner and owner['name'] else ''}[]")
+        return clip(
+            f"{where}{path}: must be {item}{got_text}" if item else f"{where}{path}: {what}"
+        )
+    if name not in said:
+        return clip(f"{where}{path}: {what}")
+    return clip(f"{where}{last['parent']}: field '{name}' must be {said[name]}{got_text}")
+
+
+def _typed(
+    decoder: msgspec.msgpack.Decoder[Any], data: bytes, where: str, said: dict[str, str]
+) -> Any:
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(_validation_message(where, exc, said)) from None
 
 
 def _decode_arrays(
@@ -270,6 +499,11 @@ def _decode_arrays(
     one owned, writable copy.
     """
     for i, (ids, lps) in enumerate(zip(raw_ids, raw_logprobs, strict=True)):
+        if len(ids) % 4 or len(lps) % 4:
+            raise SchemaError(
+                f"{where}.rollouts[{i}]: token_ids and logprobs must be whole 4-byte values, "
+                f"got {len(ids)} and {len(lps)} bytes"
+            )
         if len(ids) != len(lps):
             raise SchemaError(
                 f"{where}.rollouts[{i}]: {len(ids) // 4} token ids but {len(lps) // 4} "
@@ -290,124 +524,47 @@ def _decode_arrays(
     return out
 
 
-def _image_refs(value: Any, where: str) -> tuple[str, ...]:
-    """A list of image references: at most MAX_IMAGES_PER_MESSAGE, each ``sha256:<hex>``."""
-    if not isinstance(value, list):
-        raise SchemaError(f"{where}: field 'images' must be a list, got {type(value).__name__}")
-    if len(value) > MAX_IMAGES_PER_MESSAGE:
-        raise SchemaError(
-            f"{where}: {len(value)} images; a message may name at most {MAX_IMAGES_PER_MESSAGE}"
-        )
+def _image_refs(value: list[str], where: str) -> tuple[str, ...]:
+    """Image references, each ``sha256:<hex>`` (their number is bounded by the decoder)."""
     for i, ref in enumerate(value):
-        if not isinstance(ref, str) or not is_ref(ref):
+        if not is_ref(ref):
             raise SchemaError(f"{where}: images[{i}] is not an image reference (sha256:<hex>)")
     return tuple(value)
 
 
-def _decode_prompt(d: dict[str, Any]) -> PromptMessage:
+def _decode_prompt(data: bytes, d: _Decoders) -> PromptMessage:
     w = "prompt"
-    group_size = _nonneg_int(d, "group_size", w)
-    if group_size < 1:
-        raise SchemaError(f"{w}: group_size must be >= 1")
-    prompt_id = _get(d, "prompt_id", str, w)
-    if not prompt_id:
-        raise SchemaError(f"{w}: prompt_id must not be empty")
-    max_tokens = _nonneg_int(d, "max_tokens", w)
-    if max_tokens < 1:
-        raise SchemaError(f"{w}: max_tokens must be >= 1")
-    top_p = _finite(d, "top_p", w)
-    temperature = _finite(d, "temperature", w)
-    if not 0.0 < top_p <= 1.0 or temperature < 0.0:
-        raise SchemaError(f"{w}: need 0 < top_p <= 1 and temperature >= 0")
+    p = _typed(d.prompt, data, w, d.said)
     return PromptMessage(
-        prompt_id=prompt_id,
-        prompt=_get(d, "prompt", str, w),
-        answer=_get(d, "answer", str, w),
-        task=_get(d, "task", str, w),
-        group_size=group_size,
-        temperature=temperature,
-        top_p=top_p,
-        max_tokens=max_tokens,
-        issued_version=_nonneg_int(d, "issued_version", w),
-        created_at=_finite(d, "created_at", w),
-        images=_image_refs(d.get("images", []), w),
+        prompt_id=p.prompt_id,
+        prompt=p.prompt,
+        answer=p.answer,
+        task=p.task,
+        group_size=p.group_size,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        max_tokens=p.max_tokens,
+        issued_version=p.issued_version,
+        created_at=p.created_at,
+        images=_image_refs(p.images, w),
     )
 
 
-class _WireRollout(msgspec.Struct, forbid_unknown_fields=True):
-    text: str
-    token_ids: bytes
-    logprobs: bytes
-    reward: float
-    success: bool
-    status: str
-    terms: dict[str, float]
-    finish_reason: str
-
-
-class _WireScoredGroup(msgspec.Struct, forbid_unknown_fields=True):
-    kind: str
-    v: int
-    group_id: str
-    prompt: str
-    prompt_token_ids: bytes
-    answer: str
-    task: str
-    policy_version: int
-    replica: str
-    rollouts: list[_WireRollout]
-    created_at: float
-    images: list[str] = []
-
-
-_GROUP_DECODER = msgspec.msgpack.Decoder(_WireScoredGroup)
-_MISSING = re.compile(r"Object missing required field `(\w+)`(?: - at `\$(.*)`)?")
-_AT = re.compile(r"^(.*) - at `\$(.*)`$")
-
-
-def _validation_message(where: str, exc: msgspec.ValidationError) -> str:
-    """msgspec's message in this module's form: ``scored_group.rollouts[1]: ...``."""
-    text = str(exc)
-    if m := _MISSING.fullmatch(text):
-        return f"{where}{m.group(2) or ''}: missing field '{m.group(1)}'"
-    if m := _AT.fullmatch(text):
-        return f"{where}{m.group(2)}: {m.group(1)}"
-    return f"{where}: {text}"
-
-
-def _decode_scored_group(data: bytes) -> ScoredGroup:
-    """Scored groups are the bulk of the traffic: field types are checked in C by msgspec,
-    arrays of all rollouts in one numpy pass, the rest in a short Python loop."""
+def _decode_scored_group(data: bytes, d: _Decoders) -> ScoredGroup:
+    """Scored groups are the bulk of the traffic: field types and bounds are checked in C by
+    msgspec, arrays of all rollouts in one numpy pass, the rest in a short loop per rollout."""
     w = "scored_group"
-    try:
-        g = _GROUP_DECODER.decode(data)
-    except msgspec.ValidationError as exc:
-        raise SchemaError(_validation_message(w, exc)) from None
-    if not g.group_id:
-        raise SchemaError(f"{w}: group_id must not be empty")
+    g = _typed(d.group, data, w, d.said)
     if not g.rollouts:
         raise SchemaError(f"{w}: a group needs at least one rollout")
-    if g.policy_version < 0:
-        raise SchemaError(f"{w}: field 'policy_version' must be >= 0, got {g.policy_version}")
-    if not math.isfinite(g.created_at):
-        raise SchemaError(f"{w}: field 'created_at' must be finite, got {g.created_at}")
-    for name, raw in [("prompt_token_ids", g.prompt_token_ids)] + [
-        (f"rollouts[{i}].{k}", b)
-        for i, r in enumerate(g.rollouts)
-        for k, b in (("token_ids", r.token_ids), ("logprobs", r.logprobs))
-    ]:
-        if len(raw) % 4:
-            raise SchemaError(f"{w}: field '{name}' has {len(raw)} bytes, not a multiple of 4")
+    if len(g.prompt_token_ids) % 4:
+        n = len(g.prompt_token_ids)
+        raise SchemaError(f"{w}: field 'prompt_token_ids' has {n} bytes, not a multiple of 4")
     arrays = _decode_arrays([r.token_ids for r in g.rollouts], [r.logprobs for r in g.rollouts], w)
     rollouts = []
     for i, (r, (ids, lps)) in enumerate(zip(g.rollouts, arrays, strict=True)):
-        where = f"{w}.rollouts[{i}]"
         if r.status not in ROLLOUT_STATUSES:
-            raise SchemaError(f"{where}: unknown status '{r.status}'")
-        if not math.isfinite(r.reward):
-            raise SchemaError(f"{where}: field 'reward' must be finite, got {r.reward}")
-        if not all(math.isfinite(v) for v in r.terms.values()):
-            raise SchemaError(f"{where}: reward terms must be finite")
+            raise SchemaError(clip(f"{w}.rollouts[{i}]: unknown status '{r.status}'"))
         rollouts.append(
             Rollout(
                 text=r.text,
@@ -438,69 +595,93 @@ def _decode_scored_group(data: bytes) -> ScoredGroup:
     )
 
 
-def _decode_weights(d: dict[str, Any]) -> WeightAnnouncement:
+def _decode_weights(data: bytes, d: _Decoders) -> WeightAnnouncement:
     w = "weights"
-    sha = _get(d, "manifest_sha256", str, w)
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+    a = _typed(d.weights, data, w, d.said)
+    if any(c not in "0123456789abcdef" for c in a.manifest_sha256):
         raise SchemaError(f"{w}: manifest_sha256 must be 64 lowercase hex digits")
-    location = _get(d, "location", str, w)
-    if not location:
-        raise SchemaError(f"{w}: location must not be empty")
     return WeightAnnouncement(
-        version=_nonneg_int(d, "version", w),
-        location=location,
-        manifest_sha256=sha,
-        step=_nonneg_int(d, "step", w),
-        created_at=_finite(d, "created_at", w),
+        version=a.version,
+        location=a.location,
+        manifest_sha256=a.manifest_sha256,
+        step=a.step,
+        created_at=a.created_at,
     )
 
 
-_MAP_DECODERS: Final[dict[str, Callable[[dict[str, Any]], Message]]] = {
+_DECODERS: Final[dict[str, Callable[[bytes, _Decoders], Message]]] = {
     KIND_PROMPT: _decode_prompt,
+    KIND_SCORED_GROUP: _decode_scored_group,
     KIND_WEIGHTS: _decode_weights,
 }
-_KINDS: Final = frozenset({KIND_PROMPT, KIND_SCORED_GROUP, KIND_WEIGHTS})
 
 
 class _Header(msgspec.Struct):
-    """Only the envelope: read first, so version and kind errors say so plainly."""
+    """Only the envelope, read first so version and kind errors say so plainly. Both stay
+    undecoded (``Raw``) until their size is known to be small."""
 
-    kind: Any = None
-    v: Any = None
+    kind: msgspec.Raw = msgspec.Raw()
+    v: msgspec.Raw = msgspec.Raw()
 
 
 _HEADER_DECODER = msgspec.msgpack.Decoder(_Header)
 _ENCODER = msgspec.msgpack.Encoder()
+_NESTED_TOO_DEEP = "payload nests too deeply to decode (a message nests at most 4 levels)"
 
 
-def decode(data: bytes, expect: str | None = None) -> Message:
+def _envelope_value(raw: msgspec.Raw) -> Any:
+    """A kind or version as sent: None when absent, a short note when too large to be one."""
+    if len(raw) == 0:
+        return None
+    if len(raw) > _HEADER_VALUE_BYTES:
+        return f"<a value of {len(raw)} bytes>"
+    return msgspec.msgpack.decode(raw)
+
+
+def decode(data: bytes, expect: str | None = None, limits: WireLimits | None = None) -> Message:
     """Parse and validate a payload; raise :class:`SchemaError` saying what is wrong.
 
     ``expect`` names the kind the caller reads from this stream; anything else is rejected.
+    ``limits`` bounds every field (default: :data:`DEFAULT_LIMITS`). Whatever the bytes, the
+    outcome is a message or a SchemaError: any other failure of a decoder (nesting past the
+    interpreter's recursion limit, memory, a bug) is turned into one, so a hostile payload is
+    dead-lettered with a reason instead of failing every read of its stream.
     """
+    try:
+        return _decode(data, expect, limits or DEFAULT_LIMITS)
+    except SchemaError:
+        raise
+    except RecursionError:
+        raise SchemaError(_NESTED_TOO_DEEP) from None
+    except msgspec.DecodeError as exc:
+        raise SchemaError(clip(f"not a msgpack payload: {exc}")) from None
+    except Exception as exc:
+        raise SchemaError(clip(f"payload cannot be decoded: {type(exc).__name__}: {exc}")) from None
+
+
+def _decode(data: bytes, expect: str | None, limits: WireLimits) -> Message:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SchemaError(f"payload must be bytes, got {type(data).__name__}")
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise SchemaError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > limits.max_payload_bytes:
+        raise SchemaError(f"payload of {size} bytes exceeds {limits.max_payload_bytes}")
     data = bytes(data)
     try:
         header = _HEADER_DECODER.decode(data)
-    except msgspec.ValidationError:
-        raise SchemaError("payload must be a msgpack map") from None
+    except msgspec.ValidationError as exc:
+        if str(exc).startswith("Expected `object`"):
+            raise SchemaError("payload must be a msgpack map") from None
+        raise SchemaError(_validation_message("payload", exc, {})) from None
     except msgspec.DecodeError as exc:
-        raise SchemaError(f"not a msgpack payload: {exc}") from None
-    if header.v != SCHEMA_VERSION or isinstance(header.v, bool):
+        raise SchemaError(clip(f"not a msgpack payload: {exc}")) from None
+    version = _envelope_value(header.v)
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise SchemaError(
-            f"unsupported schema version {header.v!r} (this build reads {SCHEMA_VERSION})"
+            clip(f"unsupported schema version {version!r} (this build reads {SCHEMA_VERSION})")
         )
-    kind = header.kind
-    if kind not in _KINDS:
-        raise SchemaError(f"unknown message kind {kind!r}")
+    kind = _envelope_value(header.kind)
+    if not isinstance(kind, str) or kind not in _DECODERS:
+        raise SchemaError(clip(f"unknown message kind {kind!r}"))
     if expect is not None and kind != expect:
-        raise SchemaError(f"expected a '{expect}' message, got '{kind}'")
-    if kind == KIND_SCORED_GROUP:
-        return _decode_scored_group(data)
-    body = msgspec.msgpack.decode(data)
-    if not all(isinstance(k, str) for k in body):
-        raise SchemaError("payload map keys must be strings")
-    return _MAP_DECODERS[kind](body)
+        raise SchemaError(clip(f"expected a '{expect}' message, got '{kind}'"))
+    return _DECODERS[kind](data, _decoders(limits))

@@ -220,6 +220,8 @@ class RolloutWorker:
         self._running.set()
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Entry ids of the prompts being worked on: the only ones the renewer keeps ours.
+        self._working: set[str] = set()
 
     # ------------------------------------------------------------------ control
 
@@ -291,16 +293,24 @@ class RolloutWorker:
         )
 
     async def _renew_forever(self) -> None:
-        """Keep held prompts ours while they take longer than the bus's idle timeout."""
+        """Keep the prompts being worked on ours while they take longer than the bus's idle
+        timeout; a prompt no task works on any more is left for the bus to reclaim."""
         period = max(self.bus.claim_idle_ms / 3000.0, 0.05)
         while True:
             await asyncio.sleep(period)
             with contextlib.suppress(Exception):
-                await self.bus.renew(self.prompts_stream, self.group)
+                await self.bus.renew(self.prompts_stream, self.group, list(self._working))
 
     # ------------------------------------------------------------------ one prompt
 
     async def _process(self, delivery: Delivery[PromptMessage]) -> None:
+        self._working.add(delivery.entry_id)
+        try:
+            await self._process_one(delivery)
+        finally:
+            self._working.discard(delivery.entry_id)
+
+    async def _process_one(self, delivery: Delivery[PromptMessage]) -> None:
         prompt = delivery.message
         try:
             group = await self.rollout(prompt)
@@ -311,8 +321,12 @@ class RolloutWorker:
             self._count(group)
         except PromptRejected as exc:
             log.warning("dead-lettering prompt %s: %s", prompt.prompt_id, exc)
-            with contextlib.suppress(Exception):
+            try:
                 await self.bus.dead_letter(delivery, f"inference: {exc}")
+            except Exception as error:  # it comes back after claim_idle_ms, to be refused again
+                log.warning("could not dead-letter prompt %s: %s", prompt.prompt_id, error)
+            finally:
+                self.bus.forget([delivery])
         except asyncio.CancelledError:
             await self._give_back(delivery)
             raise
@@ -322,11 +336,15 @@ class RolloutWorker:
             await self._give_back(delivery)
 
     async def _give_back(self, delivery: Delivery[PromptMessage]) -> None:
+        """Release a prompt for redelivery; whatever fails, this worker stops holding it, so
+        at worst the bus reclaims it after claim_idle_ms, and its slot is free again."""
         try:
             async with asyncio.timeout(2.0):
                 await self.bus.release([delivery])
-        except Exception as exc:  # the bus reclaims it after claim_idle_ms anyway
+        except Exception as exc:
             log.warning("could not give prompt %s back: %s", delivery.message.prompt_id, exc)
+        finally:
+            self.bus.forget([delivery])
 
     async def _pictures(self, prompt: PromptMessage) -> list[Any]:
         """The prompt's images, fetched and decoded; a missing, damaged or oversized one makes

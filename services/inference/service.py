@@ -108,7 +108,7 @@ class InferenceService:
         if self.use_bus:
             from services.transport.factory import make_bus
 
-            self.bus = make_bus(self.config.bus)
+            self.bus = make_bus(self.config)
             try:
                 async with asyncio.timeout(BUS_STARTUP_WAIT_S):
                     announced = await self._latest_announcement()

@@ -190,7 +190,7 @@ class TrainerRun:
 
     async def run(self) -> int:
         cfg = self.config
-        self.bus = make_bus(cfg.bus)
+        self.bus = make_bus(cfg)
         self.acks = DeferredAcks(self.bus)
         spec = base_tensor_spec(cfg.model.path)
         self.publisher = WeightPublisher(cfg, self.bus, spec, self.learner.serve_dtype)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, overload
 
-from services.core.schemas import Message, encode
+from services.core.schemas import DEFAULT_LIMITS, Message, WireLimits, encode
 from services.transport import names
 from services.transport.delivery import DeliveryPolicy, by_group
 from services.transport.entries import DeadLetter, Delivery, M
@@ -30,8 +30,9 @@ class Bus(StreamReader):
 
     An entry is pending from its delivery until ``ack``; entries of a consumer that stops
     renewing them are redelivered to another after ``claim_idle_ms``; an entry that cannot be
-    decoded, or was delivered more than ``max_deliveries`` times, is dead-lettered. Publishing
-    is at-least-once: consumers recognise a repeat by the message's stable id.
+    decoded, breaks one of the bounds of ``limits``, or was delivered more than
+    ``max_deliveries`` times, is dead-lettered. Publishing is at-least-once: consumers
+    recognise a repeat by the message's stable id.
     """
 
     def __init__(
@@ -44,11 +45,16 @@ class Bus(StreamReader):
         max_deliveries: int = 5,
         batch: int = 32,
         kinds: Mapping[str, str] | None = None,
+        limits: WireLimits = DEFAULT_LIMITS,
     ) -> None:
         if max_deliveries < 1 or claim_idle_ms < 1 or batch < 1:
             raise BusError("max_deliveries, claim_idle_ms and batch must be >= 1")
         super().__init__(
-            streams, dead_letter_stream=dead_letter_stream, block_ms=block_ms, kinds=kinds
+            streams,
+            dead_letter_stream=dead_letter_stream,
+            block_ms=block_ms,
+            kinds=kinds,
+            limits=limits,
         )
         self.batch = batch
         self.delivery = DeliveryPolicy(
@@ -56,6 +62,7 @@ class Bus(StreamReader):
             dead_letter_stream=dead_letter_stream,
             claim_idle_ms=claim_idle_ms,
             max_deliveries=max_deliveries,
+            limits=limits,
         )
 
     @property
@@ -151,8 +158,15 @@ class Bus(StreamReader):
 
     async def release(self, deliveries: Iterable[Delivery[Any]]) -> None:
         """Give deliveries back unfinished: they are redelivered on the next read of any
-        consumer, and the attempt counts toward ``max_deliveries``."""
+        consumer, and the attempt counts toward ``max_deliveries``. If telling the server
+        fails, the deliveries are still no longer held (as with :meth:`forget`)."""
         await self.delivery.release(deliveries)
+
+    def forget(self, deliveries: Iterable[Delivery[Any]]) -> None:
+        """Stop holding deliveries without telling the server: nothing renews them any more,
+        so another consumer reclaims them after ``claim_idle_ms``. For work abandoned when
+        neither ack, release nor dead-lettering went through."""
+        self.delivery.forget(by_group(deliveries))
 
     @overload
     def processing(
@@ -177,7 +191,8 @@ class Bus(StreamReader):
         *,
         expect: type[M] | None = None,
     ) -> AsyncIterator[list[Delivery[Any]]]:
-        """Read a batch; ack it when the block finishes, release it if the block raises.
+        """Read a batch; ack it when the block finishes, release it if the block raises. If the
+        ack fails, the batch is no longer held either: it is reclaimed after ``claim_idle_ms``.
 
         For consumers whose effect is durable when the block ends (the rollout worker: the
         scored groups are appended downstream inside the block)::
@@ -192,15 +207,20 @@ class Bus(StreamReader):
         except BaseException:
             await self._release_quietly(deliveries)
             raise
-        await self.ack(stream, group, [d.entry_id for d in deliveries])
+        try:
+            await self.ack(stream, group, [d.entry_id for d in deliveries])
+        except BaseException:
+            self.forget(deliveries)  # no one will ack them now: left to be reclaimed and redone
+            raise
 
-    async def renew(self, stream: str, group: str) -> None:
-        """Reset the idle time of every entry this process holds on ``stream``/``group``.
+    async def renew(self, stream: str, group: str, entry_ids: Iterable[str] | None = None) -> None:
+        """Reset the idle time of every entry this process holds on ``stream``/``group``
+        (``entry_ids``: of the held ones among these, the entries still being worked on).
 
         ``read`` does this on its own; call it during a step longer than ``claim_idle_ms``
         without reads, or another consumer will reclaim (and redo) the held entries.
         """
-        await self.delivery.renew(stream, group, every_held=True)
+        await self.delivery.renew(stream, group, every_held=True, only=entry_ids)
 
     def held(self, stream: str, group: str) -> list[str]:
         """Ids delivered to this process and neither acked, released nor dead-lettered."""

@@ -6,7 +6,12 @@
   not hold, then entries of consumers idle past ``claim_idle_ms`` (:class:`Redeliveries`).
 - An entry that does not decode, was trimmed while pending, or was delivered more than
   ``max_deliveries`` times goes to the dead-letter stream with the reason, acked in the same
-  transaction: it is never returned and never blocks the entries behind it.
+  transaction: it is never returned and never blocks the entries behind it. The delivery count
+  is checked first, so an entry past it is not decoded again.
+- An entry leaves this process's bookkeeping when it is acked, released, dead-lettered or
+  forgotten, even when telling the server fails: then it is left pending, unrenewed, and
+  another consumer reclaims it after ``claim_idle_ms``. Nothing stays held, and renewed, that
+  no one is working on.
 
 The policy works over any :class:`~services.transport.streams.Streams` backend, so Redis and
 the in-memory twin share it.
@@ -20,6 +25,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from services.core.schemas import DEFAULT_LIMITS, WireLimits
 from services.transport.entries import DeadLetter, Delivery, RawEntry, decode_entry
 from services.transport.streams import ClaimResult, Streams
 
@@ -144,22 +150,34 @@ class DeliveryPolicy:
         dead_letter_stream: str,
         claim_idle_ms: int,
         max_deliveries: int,
+        limits: WireLimits = DEFAULT_LIMITS,
     ) -> None:
         self.streams = streams
         self.dead_letter_stream = dead_letter_stream
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
+        self.limits = limits
         self.held = HeldEntries()
         self.redeliveries = Redeliveries(streams, claim_idle_ms)
 
-    async def renew(self, stream: str, group: str, *, every_held: bool = False) -> None:
+    async def renew(
+        self,
+        stream: str,
+        group: str,
+        *,
+        every_held: bool = False,
+        only: Iterable[str] | None = None,
+    ) -> None:
         """Reset the idle time of held entries not renewed for a third of ``claim_idle_ms``
-        (``every_held``: of all of them)."""
+        (``every_held``: of all of them); ``only``: of those among these ids."""
         key, now = (stream, group), time.monotonic()
         due_by = math.inf if every_held else now - self.claim_idle_ms / 3000.0
-        for consumer, ids in self.held.by_consumer(key, due_by).items():
-            await self.streams.touch(stream, group, consumer, ids, 0)
-            self.held.add(key, consumer, ids, now)
+        wanted = None if only is None else set(only)
+        for consumer, held in self.held.by_consumer(key, due_by).items():
+            ids = held if wanted is None else [i for i in held if i in wanted]
+            if ids:
+                await self.streams.touch(stream, group, consumer, ids, 0)
+                self.held.add(key, consumer, ids, now)
 
     async def redeliver(self, stream: str, group: str, consumer: str, count: int) -> ClaimResult:
         return await self.redeliveries.take(stream, group, consumer, count, self.held)
@@ -181,37 +199,57 @@ class DeliveryPolicy:
             if raw.entry_id in seen:
                 continue
             seen.add(raw.entry_id)
-            got = decode_entry(raw, kind, stream, group, consumer)
-            if isinstance(got, Delivery) and got.delivery_count > self.max_deliveries:
-                too_many = f"more than max_deliveries={self.max_deliveries}"
-                got = DeadLetter.of(got, f"delivered {got.delivery_count} times, {too_many}")
+            got = decode_entry(
+                raw,
+                kind,
+                stream,
+                group,
+                consumer,
+                limits=self.limits,
+                max_deliveries=self.max_deliveries,
+            )
             if isinstance(got, DeadLetter):
                 log.warning("dead-lettering %s %s: %s", stream, raw.entry_id, got.reason)
                 dead.append(got)
             else:
                 passed.append(got)
-        self.held.add((stream, group), consumer, [d.entry_id for d in passed], time.monotonic())
+        # Dead letters first: if writing them fails, the read fails with nothing held, and the
+        # entries (left pending) come back after claim_idle_ms.
         await self.bury(dead)
+        self.held.add((stream, group), consumer, [d.entry_id for d in passed], time.monotonic())
         return passed
 
     async def bury(self, letters: Sequence[DeadLetter]) -> list[str]:
-        """Write dead letters and ack the entries they came from, in one transaction."""
+        """Write dead letters and ack the entries they came from, in one transaction. The
+        entries are no longer held afterwards, even if that fails (see the module docstring)."""
         if not letters:
             return []
         acks = [(d.stream, d.group, d.source_id) for d in letters if d.group]
         records = [d.fields() for d in letters]
-        ids = await self.streams.add(self.dead_letter_stream, records, acks)
-        for stream, group, entry_id in acks:
-            self.held.drop((stream, group), [entry_id])
-        return ids
+        try:
+            return await self.streams.add(self.dead_letter_stream, records, acks)
+        finally:
+            for stream, group, entry_id in acks:
+                self.held.drop((stream, group), [entry_id])
 
     async def release(self, deliveries: Iterable[Delivery[Any]]) -> None:
-        """Make deliveries due for redelivery at once (idle for ``claim_idle_ms`` already)."""
-        for key, by_consumer in by_group(deliveries).items():
-            for consumer, ids in by_consumer.items():
-                await self.streams.touch(*key, consumer, ids, self.claim_idle_ms)
+        """Make deliveries due for redelivery at once (idle for ``claim_idle_ms`` already).
+        They are no longer held afterwards, even if that fails (see the module docstring)."""
+        groups = by_group(deliveries)
+        try:
+            for key, by_consumer in groups.items():
+                for consumer, ids in by_consumer.items():
+                    await self.streams.touch(*key, consumer, ids, self.claim_idle_ms)
+                self.redeliveries.start_over(key)
+        finally:
+            self.forget(groups)
+
+    def forget(self, groups: dict[GroupKey, dict[str, list[str]]]) -> None:
+        """Stop holding entries (ids per group and consumer, as :func:`by_group` gives them)
+        without telling the server: they stay pending until reclaimed after ``claim_idle_ms``."""
+        for key, by_consumer in groups.items():
+            for ids in by_consumer.values():
                 self.held.drop(key, ids)
-            self.redeliveries.start_over(key)
 
     async def release_all(self) -> None:
         for key in self.held.groups():

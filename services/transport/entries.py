@@ -18,6 +18,8 @@ from services.core.schemas import (
     SchemaError,
     ScoredGroup,
     WeightAnnouncement,
+    WireLimits,
+    clip,
     decode,
 )
 from services.transport import names
@@ -107,10 +109,15 @@ class DeadLetter:
 
     @classmethod
     def from_entry(cls, raw: RawEntry) -> DeadLetter:
-        f = raw.fields or {}
+        """A record read back; fields a foreign writer left out or garbled read as empty."""
+        f = raw.fields if isinstance(raw.fields, dict) else {}
+
+        def blob(key: bytes) -> bytes:
+            value = f.get(key, b"")
+            return bytes(value) if isinstance(value, (bytes, bytearray)) else b""
 
         def text(key: bytes) -> str:
-            return f.get(key, b"").decode("utf-8", "replace")
+            return blob(key).decode("utf-8", "replace")
 
         return cls(
             stream=text(names.DL_STREAM),
@@ -118,35 +125,82 @@ class DeadLetter:
             consumer=text(names.DL_CONSUMER),
             source_id=text(names.DL_ENTRY_ID),
             reason=text(names.DL_REASON),
-            deliveries=int(text(names.DL_DELIVERIES) or 0),
+            deliveries=_number(text(names.DL_DELIVERIES), int, 0),
             message_id=text(names.DL_MESSAGE_ID),
-            payload=f.get(names.DL_PAYLOAD, b""),
-            at=float(text(names.DL_AT) or 0.0),
+            payload=blob(names.DL_PAYLOAD),
+            at=_number(text(names.DL_AT), float, 0.0),
             entry_id=raw.entry_id,
         )
 
 
+_N = TypeVar("_N", int, float)
+
+
+def _number(text: str, kind: type[_N], default: _N) -> _N:
+    """A number of a record written by anyone: ``default`` where it is none."""
+    try:
+        return kind(text) if text and len(text) <= 64 else default
+    except ValueError:
+        return default
+
+
 def decode_entry(
-    raw: RawEntry, kind: str | None, stream: str, group: str = "", consumer: str = ""
+    raw: RawEntry,
+    kind: str | None,
+    stream: str,
+    group: str = "",
+    consumer: str = "",
+    *,
+    limits: WireLimits | None = None,
+    max_deliveries: int | None = None,
 ) -> Delivery[Any] | DeadLetter:
-    """The message an entry of ``stream`` carries, or why it carries none.
+    """The message an entry of ``stream`` carries, or why it carries none; never raises.
 
     ``kind`` is the message kind the stream carries (None: any); a message of another kind is
-    rejected like a corrupt one.
+    rejected like a corrupt one. ``limits`` bounds every field. An entry delivered more than
+    ``max_deliveries`` times is given up on before its payload is decoded again: if decoding
+    is what kept failing, it must not get another chance to.
     """
-
-    def reject(reason: str, payload: bytes = b"") -> DeadLetter:
-        origin = (stream, group, consumer, raw.entry_id)
-        return DeadLetter(*origin, reason, raw.delivery_count, "", payload, time.time())
-
-    if raw.fields is None:
-        return reject(TRIMMED)
-    payload = raw.fields.get(names.PAYLOAD_FIELD)
-    if payload is None:
-        have = sorted(k.decode("utf-8", "replace") for k in raw.fields)
-        return reject(f"entry has no 'p' field (fields: {have})")
     try:
-        msg = decode(payload, expect=kind)
+        return _decode_entry(raw, kind, stream, group, consumer, limits, max_deliveries)
+    except Exception as exc:  # whatever the entry holds, it becomes a dead letter, not a wedge
+        reason = clip(f"undecodable: {type(exc).__name__}: {exc}")
+        payload = raw.fields.get(names.PAYLOAD_FIELD) if isinstance(raw.fields, dict) else None
+        return _reject(raw, stream, group, consumer, reason, payload)
+
+
+def _reject(
+    raw: RawEntry, stream: str, group: str, consumer: str, reason: str, payload: object = b""
+) -> DeadLetter:
+    kept = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
+    origin = (stream, group, consumer, raw.entry_id)
+    return DeadLetter(*origin, reason, raw.delivery_count, "", kept, time.time())
+
+
+def _decode_entry(
+    raw: RawEntry,
+    kind: str | None,
+    stream: str,
+    group: str,
+    consumer: str,
+    limits: WireLimits | None,
+    max_deliveries: int | None,
+) -> Delivery[Any] | DeadLetter:
+    if raw.fields is None:
+        return _reject(raw, stream, group, consumer, TRIMMED)
+    payload = raw.fields.get(names.PAYLOAD_FIELD)
+    if max_deliveries is not None and raw.delivery_count > max_deliveries:
+        reason = (
+            f"delivered {raw.delivery_count} times, more than max_deliveries={max_deliveries} "
+            "(not decoded again)"
+        )
+        return _reject(raw, stream, group, consumer, reason, payload)
+    if payload is None:
+        have = sorted(repr(k) for k in raw.fields)
+        reason = clip(f"entry has no 'p' field (fields: {', '.join(have)})")
+        return _reject(raw, stream, group, consumer, reason)
+    try:
+        msg = decode(payload, expect=kind, limits=limits)
     except SchemaError as exc:
-        return reject(f"undecodable: {exc}", payload)
+        return _reject(raw, stream, group, consumer, clip(f"undecodable: {exc}"), payload)
     return Delivery(stream, group, consumer, raw.entry_id, msg, payload, raw.delivery_count)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.core.config import BusConfig
-from services.core.schemas import KIND_PROMPT, KIND_SCORED_GROUP, KIND_WEIGHTS
+from pydantic import BaseModel
+
+from services.core.config import BusConfig, RolloutConfig, RunConfig
+from services.core.schemas import (
+    DEFAULT_LIMITS,
+    KIND_PROMPT,
+    KIND_SCORED_GROUP,
+    KIND_WEIGHTS,
+    WireLimits,
+)
 from services.transport.bus import Bus
 from services.transport.memory_streams import MemoryStore, MemoryStreams
 from services.transport.redis_streams import RedisStreams
@@ -33,16 +41,53 @@ def bus_settings(config: BusConfig) -> dict[str, Any]:
     }
 
 
-def make_bus(source: BusConfig | str, **overrides: Any) -> Bus:
-    """A bus for ``source``: a :class:`BusConfig`, or a URL with the other settings default.
+def config_bound(section: type[BaseModel], name: str) -> float:
+    """The upper bound (``le``) a config field declares."""
+    for rule in section.model_fields[name].metadata:
+        if (le := getattr(rule, "le", None)) is not None:
+            return float(le)
+    raise ValueError(f"{section.__name__}.{name} declares no upper bound")
 
+
+def wire_limits(config: RunConfig) -> WireLimits:
+    """The message bounds a run's config implies, the rest left at their defaults.
+
+    A group is scored in one reward request, so it has at most ``reward.max_group`` rollouts
+    (and no more than ``rollout.group_size`` may ever be); a completion and a prompt fit in
+    ``model.max_model_len`` tokens; texts the reward service refuses past
+    ``reward.max_completion_bytes`` (a character takes at least a byte) cannot be scored.
+    """
+    group = min(int(config_bound(RolloutConfig, "group_size")), config.reward.max_group)
+    context = config.model.max_model_len
+    text = config.reward.max_completion_bytes
+    return WireLimits(
+        max_group_size=group,
+        # The worker clamps a prompt's max_tokens to the context left, so a configured value
+        # above the context is still valid.
+        max_tokens=max(context, config.rollout.max_tokens),
+        max_sequence_tokens=context,
+        max_answer_chars=text,
+        max_completion_chars=text,
+    )
+
+
+def make_bus(source: RunConfig | BusConfig | str, **overrides: Any) -> Bus:
+    """A bus for ``source``: a run config, its :class:`BusConfig`, or a URL with the other
+    settings default.
+
+    Given the whole :class:`RunConfig`, the bus also bounds every message field by what the
+    run can produce (:func:`wire_limits`); otherwise by :data:`schemas.DEFAULT_LIMITS`.
     ``redis://`` / ``rediss://`` (TLS) / ``unix://`` give a bus on :class:`RedisStreams`;
     ``memory://NAME`` one on :class:`MemoryStreams` over the process-wide store of that name
     (so components under test that each call ``make_bus`` meet there), ``memory://`` one on a
-    private store. ``overrides`` replace settings (e.g. ``claim_idle_ms=200`` in tests).
+    private store. ``overrides`` replace settings (e.g. ``claim_idle_ms=200`` in tests, or
+    ``limits=``).
     """
+    limits = DEFAULT_LIMITS
+    if isinstance(source, RunConfig):
+        limits, source = wire_limits(source), source.bus
     config = BusConfig(url=source) if isinstance(source, str) else source
-    settings = bus_settings(config) | overrides
+    settings = bus_settings(config) | {"limits": limits} | overrides
     maxlen = settings.pop("maxlen", config.maxlen)
     options = {k: settings.pop(k) for k in _REDIS_OPTIONS if k in settings}
     streams: Streams

@@ -2,7 +2,8 @@
 dead letters and the stream figures. They claim nothing and ack nothing.
 
 An entry that carries no valid message is skipped with a warning here, not dead-lettered:
-every reader sees every entry, so each would record it again.
+every reader sees every entry, so each would record it again. Skipping never costs the entries
+around it: decoding an entry cannot raise (:func:`~services.transport.entries.decode_entry`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Generic, overload
 
-from services.core.schemas import Message, PromptMessage, ScoredGroup, WeightAnnouncement
+from services.core.schemas import (
+    DEFAULT_LIMITS,
+    Message,
+    PromptMessage,
+    ScoredGroup,
+    WeightAnnouncement,
+    WireLimits,
+)
 from services.transport.entries import DeadLetter, Delivery, M, RawEntry, decode_entry
 from services.transport.streams import BusError, Streams, StreamStats
 
@@ -25,7 +33,8 @@ PENDING_PAGE = 500
 
 class StreamReader:
     """What every bus can read without a consumer group (a :class:`~services.transport.Bus`
-    is one); ``kinds`` says which message kind each known stream carries."""
+    is one); ``kinds`` says which message kind each known stream carries, ``limits`` bounds
+    every field of every message read."""
 
     def __init__(
         self,
@@ -34,12 +43,14 @@ class StreamReader:
         dead_letter_stream: str,
         block_ms: int,
         kinds: Mapping[str, str] | None,
+        limits: WireLimits = DEFAULT_LIMITS,
     ) -> None:
         self.streams = streams
         self.dead_letter_stream = dead_letter_stream
         self.block_ms = block_ms
         # Which message kind each known stream carries, so a read rejects foreign messages.
         self.kinds: dict[str, str] = dict(kinds or {})
+        self.limits = limits
 
     @overload
     async def latest(self, stream: str, *, expect: type[M]) -> Delivery[M] | None: ...
@@ -54,7 +65,7 @@ class StreamReader:
         later); None if the stream has none among its newest entries."""
         kind = self._kind(stream, expect)
         for raw in await self.streams.newest(stream, 16):
-            if (found := _valid(raw, kind, stream)) is not None:
+            if (found := _valid(raw, kind, stream, self.limits)) is not None:
                 return found
         return None
 
@@ -82,7 +93,7 @@ class StreamReader:
         held = await self._pending(stream, group, limit) if pending and info else []
         entries = held + await self.streams.read_after(stream, last_delivered, limit, 0)
         kind = self.kinds.get(stream)
-        return [d for d in (_valid(e, kind, stream) for e in entries) if d is not None]
+        return [d for d in (_valid(e, kind, stream, self.limits) for e in entries) if d is not None]
 
     async def dead_letters(self, count: int = 100, after: str = "-") -> list[DeadLetter]:
         """Records of the dead-letter stream with id > ``after``, oldest first."""
@@ -116,8 +127,10 @@ class StreamReader:
         return out
 
 
-def _valid(raw: RawEntry, kind: str | None, stream: str) -> Delivery[Any] | None:
-    got = decode_entry(raw, kind, stream)
+def _valid(
+    raw: RawEntry, kind: str | None, stream: str, limits: WireLimits
+) -> Delivery[Any] | None:
+    got = decode_entry(raw, kind, stream, limits=limits)
     if isinstance(got, DeadLetter):
         log.warning("skipping entry %s of %s: %s", raw.entry_id, stream, got.reason)
         return None
@@ -135,10 +148,13 @@ class StreamFollower(Generic[M]):
         self._kind = kind
 
     async def poll(self, count: int = 16, block_ms: int | None = None) -> list[Delivery[M]]:
+        """The valid messages among the next ``count`` entries, in order; invalid ones are
+        skipped, and the cursor moves past an entry only together with what it held."""
         block = self.reader.block_ms if block_ms is None else block_ms
         out: list[Delivery[M]] = []
         for raw in await self.reader.streams.read_after(self.stream, self.last_id, count, block):
-            self.last_id = raw.entry_id
-            if (found := _valid(raw, self._kind, self.stream)) is not None:
+            found = _valid(raw, self._kind, self.stream, self.reader.limits)
+            if found is not None:
                 out.append(found)
+            self.last_id = raw.entry_id
         return out
