@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Callable, Sequence
 
 from services.core.config import ConfigError, RunConfig, load_config
+from services.core.secrets import redact_tree
 from services.models.arch import ARCHITECTURES, QWEN2
 
 
@@ -191,11 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def show_config(args: argparse.Namespace, config: RunConfig) -> int:
-    """Print the validated config, so a user sees exactly what a run would use."""
+    """Print the validated config, so a user sees exactly what a run would use.
+
+    Secrets are shown as ``***`` (the password of the bus URL, tokens): the output gets pasted
+    into issues and logs.
+    """
+    tree = redact_tree(config.model_dump(mode="json"))
     if args.json:
-        print(config.model_dump_json(indent=2))
+        print(json.dumps(tree, indent=2))
         return 0
-    for section, values in config.model_dump().items():
+    for section, values in tree.items():
         print(f"[{section}]")
         for key, value in values.items():
             print(f"{key} = {value!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,3 +94,39 @@ def test_unknown_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_config_output_hides_secrets() -> None:
+    """`mapo config` (text and JSON) shows where the bus is, never its password or a token."""
+    env = {
+        **clean_env(),
+        "MAPO__BUS__URL": "redis://mapo:hunter2@redis:6379/0",
+        "MAPO__INFERENCE__ADMIN_TOKEN": "tok-0451",
+    }
+    for args in ([], ["--json"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "services.cli", "config", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "hunter2" not in proc.stdout and "tok-0451" not in proc.stdout
+        assert "redis://mapo:***@redis:6379/0" in proc.stdout
+        assert "max_tokens" in proc.stdout  # a field named like a token but not a secret
+    assert '"admin_token": "***"' in proc.stdout
+    data = json.loads(proc.stdout)
+    assert data["rollout"]["max_tokens"] == 32 and data["inference"]["admin_token"] == "***"
+
+
+def test_an_unset_token_shows_as_empty(capsys: pytest.CaptureFixture[str]) -> None:
+    """Redaction hides values, not whether one is set."""
+    from services.cli import build_parser, show_config
+    from services.core.config import build_config
+
+    show_config(build_parser().parse_args(["config", "--json"]), build_config(environ={}))
+    data = json.loads(capsys.readouterr().out)
+    assert data["inference"]["admin_token"] == ""
+    assert data["bus"]["url"] == "redis://127.0.0.1:6379/0"

@@ -126,6 +126,39 @@ def test_a_failed_run_stops_the_grid_and_says_how_to_continue(
     assert not (tmp_path / "grid" / "summary.json").exists()
 
 
+def test_a_half_written_run_is_started_again_but_a_stranger_is_refused(
+    tmp_path: Path,
+    clean_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Unfinished runs of the grid are deleted and run again; a directory in the way that no
+    run made is left alone, and the grid stops saying so."""
+    from services.stack.up import RUN_MARKER
+
+    grid_dir = tmp_path / "grid"
+    cell = grid_dir / "runs" / "mapo-seed-0"
+    seen: list[list[str]] = []
+
+    def fail(run: compare.UpRun) -> dict[str, object]:
+        seen.append(sorted(p.name for p in run.run_dir.iterdir()) if run.run_dir.exists() else [])
+        raise compare.RunFailed("stop here")
+
+    monkeypatch.setattr(compare, "warm_model", lambda *a, **k: tmp_path / "model")
+    monkeypatch.setattr(compare, "run_up", fail)
+    (cell / "logs").mkdir(parents=True)
+    (cell / RUN_MARKER).write_text("")
+    assert compare.run(compare_args(run_dir=str(grid_dir))) == 1
+    assert seen == [[]]  # the half-written run was removed before the new one
+    capsys.readouterr()
+    cell.mkdir(parents=True, exist_ok=True)
+    (cell / "thesis.tex").write_text("mine")
+    assert compare.run(compare_args(run_dir=str(grid_dir))) == 1
+    err = capsys.readouterr().err
+    assert "is in the way" in err and str(cell) in err
+    assert (cell / "thesis.tex").read_text() == "mine" and len(seen) == 1
+
+
 # ----------------------------------------------------------------------------- report
 
 

@@ -4,11 +4,14 @@ The compose file is validated by Debian's docker-compose 1.29 (``config -q``), t
 implementation users run; the resolved configuration is then checked for what the stack needs
 (builds, healthchecks on real endpoints, dependency conditions, GPU reservations, profiles,
 the shared weight volume). Service commands are parsed by the real ``mapo`` argument parser.
+Compose resolves the file with throwaway secrets (no secret has a default) and an empty
+``--env-file``, so that a developer's own ``.env`` changes nothing here.
 """
 
 from __future__ import annotations
 
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +22,35 @@ import yaml
 
 from services.cli import build_parser
 from services.core.config import build_config
-from tests.test_deploy_tools import DEPLOY, REPO, binary, run
+from tests.test_deploy_tools import (
+    COMPOSE_SECRETS,
+    DEPLOY,
+    REPO,
+    binary,
+    compose_env,
+    empty_env_file,
+    run,
+)
 
 COMPOSE = REPO / "docker-compose.yml"
 ENV_FILE = "deploy/compose.env"
 MAPO_SERVICES = ("reward", "model", "trainer-cpu", "inference-cpu", "trainer-gpu", "inference-gpu")
 PINNED = ("prometheus", "grafana")
+#: The services that use the bus, the only ones that get the Redis password.
+BUS_USERS = ("trainer-cpu", "inference-cpu", "trainer-gpu", "inference-gpu")
+REDIS_PASSWORD = COMPOSE_SECRETS["REDIS_PASSWORD"]
+EMPTY_ENV_FILE = empty_env_file()
+SMOKE_SCRIPT = DEPLOY / "smoke" / "compose_smoke.py"
 
 
-def compose(*args: str) -> subprocess.CompletedProcess[str]:
-    return run([binary("docker-compose"), "-f", str(COMPOSE), *args])
+def compose(
+    *args: str, files: tuple[Path, ...] = (COMPOSE,), env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """docker-compose with the throwaway secrets (or ``env``) and no .env of the checkout."""
+    cmd = [binary("docker-compose"), "--env-file", str(EMPTY_ENV_FILE)]
+    for f in files:
+        cmd += ["-f", str(f)]
+    return run([*cmd, *args], env=env or compose_env())
 
 
 def env_file() -> dict[str, str]:
@@ -139,10 +161,14 @@ def test_one_env_file(resolved: dict[str, Any]) -> None:
         )
 
 
-def test_env_file_is_a_valid_run_config() -> None:
+def test_env_file_is_a_valid_run_config(resolved: dict[str, Any]) -> None:
     env = env_file()
     config = build_config(environ=env)  # unknown MAPO__ keys or bad values raise
-    assert config.bus.url == f"redis://:{env['REDIS_PASSWORD']}@redis:6379/0"
+    # The bus URL comes from docker-compose.yml, built from the one secret.
+    for name in BUS_USERS:
+        environ = {k: str(v) for k, v in resolved["services"][name]["environment"].items()}
+        bus = build_config(environ=environ).bus
+        assert bus.url == f"redis://:{REDIS_PASSWORD}@redis:6379/0", name
     assert config.reward.address == "reward:50051"
     assert config.weights.store.startswith(config.trainer.run_dir + "/")
     assert config.model.path.startswith("/data/")
@@ -395,8 +421,7 @@ def test_reward_healthcheck_against_a_real_grpc_health_server() -> None:
 def test_smoke_override_only_shrinks_the_run() -> None:
     """deploy/smoke/compose.smoke.yml is valid for 1.29 and changes nothing but run settings."""
     smoke = DEPLOY / "smoke" / "compose.smoke.yml"
-    files = ["-f", str(COMPOSE), "-f", str(smoke)]
-    out = run([binary("docker-compose"), *files, "--profile", "cpu", "config"])
+    out = compose("--profile", "cpu", "config", files=(COMPOSE, smoke))
     assert out.returncode == 0, out.stderr
     merged = yaml.safe_load(out.stdout)["services"]
     base = yaml.safe_load(compose("--profile", "cpu", "config").stdout)["services"]
@@ -423,3 +448,113 @@ def test_image_overrides_default_to_the_pinned_images(resolved: dict[str, Any]) 
     assert resolved["services"]["prometheus"]["image"] == "prom/prometheus:v2.55.1"
     for name in MAPO_SERVICES:
         assert resolved["services"][name]["build"]["args"]["OFFLINE"] == "0", name
+
+
+# --- Secrets: none in deploy/, compose refuses to start without them --------------------
+
+
+SECRET_VARIABLES = ("REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
+
+
+@pytest.mark.parametrize("name", SECRET_VARIABLES)
+def test_compose_refuses_to_start_without_a_secret(name: str) -> None:
+    """No default: every compose command fails, naming the variable and how to make it."""
+    for args in (("config", "-q"), ("--profile", "cpu", "config", "-q")):
+        out = compose(*args, env=compose_env(**{name: None}))
+        assert out.returncode != 0, args
+        assert f"set {name} in .env" in out.stderr, out.stderr
+        assert "deploy/make-secrets.sh" in out.stderr, out.stderr
+    # Set empty is missing too (${VAR:?...}).
+    assert compose("config", "-q", env=compose_env(**{name: ""})).returncode != 0
+
+
+def test_no_secret_has_a_default_in_deploy(raw: dict[str, Any]) -> None:
+    env = env_file()
+    for key in env:
+        assert not re.search(r"PASSWORD|TOKEN|SECRET", key), f"compose.env sets {key}"
+    assert "MAPO__BUS__URL" not in env and "@" not in "".join(env.values())
+    text = COMPOSE.read_text(encoding="utf-8")
+    for name in SECRET_VARIABLES:
+        assert re.search(rf"\$\{{{name}:\?", text), f"{name} must be required (${{{name}:?...}})"
+        assert not re.search(rf"\$\{{{name}:?-", text), f"{name} has a default"
+        assert not re.search(rf"\${name}\b", text.replace(f"$${name}", "")), name
+
+
+def test_the_redis_password_reaches_only_what_needs_it(resolved: dict[str, Any]) -> None:
+    """Redis itself and the bus users; the bus URL is built from the one variable."""
+    grafana = resolved["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == COMPOSE_SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    for name, svc in resolved["services"].items():
+        values = {k: str(v) for k, v in svc.get("environment", {}).items()}
+        holds = [k for k, v in values.items() if REDIS_PASSWORD in v]
+        if name == "redis":
+            assert holds == ["REDIS_PASSWORD"]
+        elif name in BUS_USERS:
+            assert holds == ["MAPO__BUS__URL"], name
+        else:
+            assert holds == [], name
+        if name != "grafana":
+            assert "GF_SECURITY_ADMIN_PASSWORD" not in values, name
+
+
+def test_inference_mounts_the_weight_store_read_only(raw: dict[str, Any]) -> None:
+    for name in ("inference-cpu", "inference-gpu"):
+        assert raw["services"][name]["volumes"] == ["weights:/data:ro"], name
+    for name in ("model", "trainer-cpu", "trainer-gpu"):
+        assert raw["services"][name]["volumes"] == ["weights:/data"], name  # they write it
+
+
+def test_make_secrets_writes_once_and_compose_accepts_them(tmp_path: Path) -> None:
+    """deploy/make-secrets.sh: both files, owner-only, URL-safe values, kept when run again."""
+    (tmp_path / "deploy" / "k8s" / "base" / "secrets").mkdir(parents=True)
+    script = tmp_path / "deploy" / "make-secrets.sh"
+    script.write_bytes((DEPLOY / "make-secrets.sh").read_bytes())
+    dotenv, k8s = tmp_path / ".env", tmp_path / "deploy" / "k8s" / "base" / "secrets" / "redis.env"
+    out = run(["sh", str(script)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    values = dict(line.split("=", 1) for line in dotenv.read_text().splitlines())
+    assert set(values) == set(SECRET_VARIABLES)
+    for name in SECRET_VARIABLES:
+        assert re.fullmatch(r"[0-9a-f]{48}", values[name]), name
+    assert values["REDIS_PASSWORD"] != values["GRAFANA_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"password=[0-9a-f]{48}\n", k8s.read_text())
+    for path in (dotenv, k8s):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # Run again, with a line of the user's own in .env: nothing replaced, nothing lost.
+    with dotenv.open("a") as f:
+        f.write("MAPO_TRAINER_GPUS=1,2\n")
+    first = dotenv.read_text(), k8s.read_text()
+    assert run(["sh", str(script)], cwd=tmp_path).returncode == 0
+    assert run(["sh", str(script), "k8s"], cwd=tmp_path).returncode == 0
+    assert (dotenv.read_text(), k8s.read_text()) == first
+    assert run(["sh", str(script), "nonsense"], cwd=tmp_path).returncode == 2
+    # Compose resolves with that .env alone (no secret in the environment).
+    env = compose_env(REDIS_PASSWORD=None, GRAFANA_ADMIN_PASSWORD=None)
+    out = run(
+        [binary("docker-compose"), "--env-file", str(dotenv), "-f", str(COMPOSE), "config"],
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    trainer = yaml.safe_load(out.stdout)["services"]["trainer-cpu"]["environment"]
+    assert trainer["MAPO__BUS__URL"] == f"redis://:{values['REDIS_PASSWORD']}@redis:6379/0"
+
+
+def test_compose_smoke_makes_its_own_secrets(tmp_path: Path) -> None:
+    """The smoke run (deploy/smoke/compose_smoke.py) passes random secrets of its own, with
+    which its real compose command line resolves."""
+    import importlib.util
+
+    binary("docker-compose")
+    spec = importlib.util.spec_from_file_location("compose_smoke", SMOKE_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    stacks = [smoke.Stack(smoke.Engine(tmp_path), replicas=1) for _ in range(2)]
+    for name in SECRET_VARIABLES:
+        values = [s.env[name] for s in stacks]
+        assert all(re.fullmatch(r"[0-9a-f]{48}", v) for v in values), name
+        assert values[0] != values[1], name  # made per run
+    out = stacks[0].compose("config")
+    trainer = yaml.safe_load(out.stdout)["services"]["trainer-cpu"]["environment"]
+    password = stacks[0].env["REDIS_PASSWORD"]
+    assert trainer["MAPO__BUS__URL"] == f"redis://:{password}@redis:6379/0"

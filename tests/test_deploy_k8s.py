@@ -11,13 +11,21 @@ unknown fields rejected as kubectl's strict field validation does) and its Job t
 batch/v1 Job by kubernetes-validate. The rendered objects are then checked against each other and
 against the services: probes on the ports the commands bind, Services and PDBs that select the
 pods, Secret references, the run config, and the commands parsed by the real ``mapo`` parser.
+
+No secret has a default: the base's secretGenerator reads ``base/secrets/redis.env``, which a
+user makes (deploy/make-secrets.sh). The checks render a copy of deploy/k8s in a temporary
+directory holding a throwaway password instead (``k8s_copy``), never a developer's own file.
+NetworkPolicies are checked by evaluating them, pod to pod and port by port, as the API defines
+them; every container's resources, security context and mounts are checked too.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +37,12 @@ from services.core.config import BusConfig, build_config, load_config
 from services.transport.names import INFERENCE_GROUP
 from tests.test_deploy_tools import (
     K8S,
+    K8S_REDIS_PASSWORD,
+    K8S_SECRET_FILE,
     OVERLAYS,
     PROMETHEUS_DIR,
     binary,
+    k8s_copy,
     metric_names,
     run,
     venv_tool,
@@ -189,13 +200,29 @@ def kustomize(path: Path) -> list[dict[str, Any]]:
 
 
 _RENDERED: dict[str, list[dict[str, Any]]] = {}
+_COPY: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def k8s_root() -> Path:
+    """deploy/k8s, copied once for this session with a throwaway Redis password."""
+    if not _COPY:
+        _COPY.append(tempfile.TemporaryDirectory(prefix="mapo-k8s-"))
+        k8s_copy(Path(_COPY[0].name) / "k8s")
+    return Path(_COPY[0].name) / "k8s"
 
 
 def rendered(overlay: str) -> list[dict[str, Any]]:
     if overlay not in _RENDERED:
-        path = K8S / "base" if overlay == "base" else K8S / "overlays" / overlay
+        root = k8s_root()
+        path = root / "base" if overlay == "base" else root / "overlays" / overlay
         _RENDERED[overlay] = kustomize(path)
     return _RENDERED[overlay]
+
+
+def secret_data(secret: dict[str, Any]) -> dict[str, str]:
+    """A Secret's values, decoded (kustomize's generator writes base64 ``data``)."""
+    data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    return {**data, **secret.get("stringData", {})}
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -355,7 +382,7 @@ def test_keda_scales_inference_on_prompts_lag(overlay: str, tmp_path: Path) -> N
     (ref,) = auth["spec"]["secretTargetRef"]
     assert ref["parameter"] == "password"
     secret = one(docs, "Secret", ref["name"])
-    assert ref["key"] in secret.get("stringData", secret.get("data", {}))
+    assert ref["key"] in secret_data(secret)
     # ...and the same Redis and password the replicas use for the bus.
     assert env["MAPO__BUS__URL"].startswith(f"redis://:secret-value@{host}:{port}/")
 
@@ -521,12 +548,13 @@ def test_secret_and_configmap_references(overlay: str) -> None:
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     secret = secrets[ref["name"]]
-                    assert ref["key"] in secret.get("stringData", secret.get("data", {}))
+                    assert ref["key"] in secret_data(secret)
         for v in spec.get("volumes", []):
             if "configMap" in v:
                 assert v["configMap"]["name"] in configmaps
     # The password never appears in a pod spec, only through the Secret.
-    password = secrets["mapo-redis"]["stringData"]["password"]
+    password = secret_data(secrets["mapo-redis"])["password"]
+    assert password == K8S_REDIS_PASSWORD  # from the generator's file, no default
     for deploy in find(docs, "Deployment"):
         assert password not in yaml.safe_dump(deploy)
 
@@ -719,9 +747,9 @@ def test_multinode_volumes_and_references() -> None:
     ]
     assert refs
     for ref in refs:
-        assert ref["key"] in secrets[ref["name"]]["stringData"]
+        assert ref["key"] in secret_data(secrets[ref["name"]])
     # No password in the JobSet itself: only through the Secret.
-    password = secrets["mapo-redis"]["stringData"]["password"]
+    password = secret_data(secrets["mapo-redis"])["password"]
     assert password not in yaml.safe_dump(find(docs, "JobSet"))
 
 
@@ -775,3 +803,249 @@ def test_multinode_model_step_builds_once(tmp_path: Path) -> None:
     assert (data / "model" / "config.json").is_file() and not (data / "model.partial").exists()
     assert node(0).returncode == 0 and node(1).returncode == 0  # already there: nothing to do
     assert calls.read_text().splitlines() == [f"make-model {data}/model.partial --size tiny"]
+
+
+# --- Secrets: none shipped; kustomize needs the user's file ------------------------------
+
+
+def test_rendering_without_the_secret_file_fails_naming_it(tmp_path: Path) -> None:
+    root = k8s_copy(tmp_path / "k8s", secret=False)
+    for path in (root / "base", root / "overlays" / "cpu"):
+        out = run([binary("kubectl"), "kustomize", str(path)])
+        assert out.returncode != 0
+        assert str(K8S_SECRET_FILE) in out.stderr and "no such file" in out.stderr, out.stderr
+    # The directory says how to make it; git ignores everything else in it.
+    readme = (K8S / K8S_SECRET_FILE.parent / "README.md").read_text()
+    assert "sh deploy/make-secrets.sh k8s" in readme and "openssl rand -hex 24" in readme
+    out = run(["git", "check-ignore", "-q", f"deploy/k8s/{K8S_SECRET_FILE}"])
+    assert out.returncode == 0, "the secret file must be ignored by git"
+
+
+def test_no_secret_value_in_the_manifests() -> None:
+    """No Secret object with data in deploy/k8s: the only Secret comes from the generator."""
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                raise AssertionError(f"{path} ships a Secret")
+    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    (gen,) = base["secretGenerator"]
+    assert gen["name"] == "mapo-redis" and gen["envs"] == [str(K8S_SECRET_FILE.relative_to("base"))]
+    assert "literals" not in gen
+    for overlay in (*OVERLAYS, MULTINODE):
+        (secret,) = find(rendered(overlay), "Secret")
+        assert secret_data(secret) == {"password": K8S_REDIS_PASSWORD}
+        # Stable name: KEDA's TriggerAuthentication and a user's own Secret use it.
+        assert secret["metadata"]["name"] == "mapo-redis"
+
+
+# --- NetworkPolicies ----------------------------------------------------------------------
+
+# Pods as the policies see them: (namespace labels, pod labels).
+Peer = tuple[dict[str, str], dict[str, str]]
+
+
+def _ns(name: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name}
+
+
+def _component(name: str) -> Peer:
+    return _ns(NAMESPACE), {
+        "app.kubernetes.io/component": name,
+        "app.kubernetes.io/part-of": "mapo-rl",
+    }
+
+
+PROMETHEUS: Peer = (_ns("monitoring"), {"app.kubernetes.io/name": "prometheus"})
+KEDA_OPERATOR: Peer = (_ns("keda"), {"app": "keda-operator"})
+OTHER_POD: Peer = (_ns(NAMESPACE), {"app": "debug"})  # any other pod of the namespace
+OUTSIDER: Peer = (_ns("default"), {"app.kubernetes.io/component": "inference"})
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) against labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        present = e["key"] in labels
+        inside = present and labels[e["key"]] in e.get("values", [])
+        ok = {"In": inside, "NotIn": not inside, "Exists": present, "DoesNotExist": not present}
+        if not ok[e["operator"]]:
+            return False
+    return True
+
+
+def _peer_allows(peer: dict[str, Any], source: Peer) -> bool:
+    ns_labels, pod_labels = source
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        in_ns = _matches(peer["namespaceSelector"], ns_labels)
+    else:
+        in_ns = ns_labels == _ns(NAMESPACE)  # podSelector alone: the policy's namespace
+    return in_ns and _matches(peer.get("podSelector", {}), pod_labels)
+
+
+def pod_templates(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """component -> pod template, of the Deployments and of the JobSet."""
+    templates = [d["spec"]["template"] for d in find(docs, "Deployment")]
+    templates += [pod_of(rj) for js in find(docs, "JobSet") for rj in js["spec"]["replicatedJobs"]]
+    return {tpl["metadata"]["labels"]["app.kubernetes.io/component"]: tpl for tpl in templates}
+
+
+def _port_number(template: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    numbers = [
+        p["containerPort"]
+        for c in template["spec"]["containers"]
+        for p in c.get("ports", [])
+        if p.get("name") == port
+    ]
+    assert numbers, f"named port {port} is not on the selected pods"
+    return int(numbers[0])
+
+
+def allowed(docs: list[dict[str, Any]], source: Peer, target: str, port: int) -> bool:
+    """Whether the NetworkPolicies let ``source`` connect to pods of ``target`` on ``port``."""
+    template = pod_templates(docs)[target]
+    labels = template["metadata"]["labels"]
+    policies = [
+        p for p in find(docs, "NetworkPolicy") if _matches(p["spec"]["podSelector"], labels)
+    ]
+    if not any("Ingress" in p["spec"].get("policyTypes", ["Ingress"]) for p in policies):
+        return True  # not isolated
+    for p in policies:
+        for rule in p["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and port not in [_port_number(template, x["port"]) for x in ports]:
+                continue
+            peers = rule.get("from")
+            if peers is None or any(_peer_allows(peer, source) for peer in peers):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, MULTINODE])
+def test_network_policies_deny_by_default(overlay: str) -> None:
+    docs = rendered(overlay)
+    (deny,) = [
+        p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"] == "default-deny-ingress"
+    ]
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    for p in find(docs, "NetworkPolicy"):
+        assert p["metadata"]["namespace"] == NAMESPACE
+        assert p["spec"]["policyTypes"] == ["Ingress"]  # egress is not restricted
+        for rule in p["spec"].get("ingress", []):
+            if p["metadata"]["name"] != "trainer-ranks":
+                assert rule.get("ports") and rule.get("from"), p["metadata"]["name"]
+    # Every pod is isolated: no component the policies forget.
+    for component in pod_templates(docs):
+        assert not allowed(docs, OUTSIDER, component, 1), component
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, MULTINODE])
+def test_network_policies_allow_only_what_must_talk(overlay: str) -> None:
+    docs = rendered(overlay)
+    templates = pod_templates(docs)
+    port = {
+        name: {p["name"]: p["containerPort"] for c in t["spec"]["containers"] for p in c["ports"]}
+        for name, t in templates.items()
+    }
+    inference, trainer, reward, redis = (
+        _component(n) for n in ("inference", "trainer", "reward", "redis")
+    )
+    keda = "keda" in yaml.safe_dump_all(find(docs, "ScaledObject"))
+    expected: list[tuple[Peer, str, int, bool]] = [
+        # Redis: the bus users, and KEDA's operator where KEDA scales the replicas.
+        (inference, "redis", port["redis"]["redis"], True),
+        (trainer, "redis", port["redis"]["redis"], True),
+        (reward, "redis", port["redis"]["redis"], False),
+        (OTHER_POD, "redis", port["redis"]["redis"], False),
+        (PROMETHEUS, "redis", port["redis"]["redis"], False),
+        (KEDA_OPERATOR, "redis", port["redis"]["redis"], keda),
+        ((_ns("keda"), {"app": "other"}), "redis", port["redis"]["redis"], False),
+        # The reward service: gRPC from the replicas only, metrics to Prometheus.
+        (inference, "reward", port["reward"]["grpc"], True),
+        (trainer, "reward", port["reward"]["grpc"], False),
+        (OTHER_POD, "reward", port["reward"]["grpc"], False),
+        (redis, "reward", port["reward"]["grpc"], False),
+        (PROMETHEUS, "reward", port["reward"]["metrics"], True),
+        (PROMETHEUS, "reward", port["reward"]["grpc"], False),
+        (inference, "reward", port["reward"]["metrics"], False),
+        # The trainer: weight versions to the replicas, metrics to Prometheus.
+        (inference, "trainer", port["trainer"]["weights"], True),
+        (reward, "trainer", port["trainer"]["weights"], False),
+        (OTHER_POD, "trainer", port["trainer"]["weights"], False),
+        (PROMETHEUS, "trainer", port["trainer"]["metrics"], True),
+        (PROMETHEUS, "trainer", port["trainer"]["weights"], False),
+        (redis, "trainer", port["trainer"]["weights"], False),
+        (inference, "trainer", port["trainer"]["metrics"], False),
+        # Inference HTTP (API and /metrics): any pod of the namespace, and Prometheus.
+        (OTHER_POD, "inference", port["inference"]["http"], True),
+        (trainer, "inference", port["inference"]["http"], True),
+        (PROMETHEUS, "inference", port["inference"]["http"], True),
+        (OUTSIDER, "inference", port["inference"]["http"], False),
+        (OTHER_POD, "inference", 9999, False),
+    ]
+    if overlay == MULTINODE:
+        # The ranks of different nodes: rendezvous and NCCL's own ports.
+        rendezvous = port["trainer"]["rendezvous"]
+        expected += [(trainer, "trainer", rendezvous, True), (trainer, "trainer", 41234, True)]
+        expected += [(inference, "trainer", rendezvous, False)]
+    wrong = [
+        (source[1], target, p, want)
+        for source, target, p, want in expected
+        if allowed(docs, source, target, p) != want
+    ]
+    assert not wrong, wrong
+
+
+# --- Resources, privileges, mounts --------------------------------------------------------
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(workload, pod spec) of every Deployment and of the JobSet."""
+    specs = [
+        (d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in find(docs, "Deployment")
+    ]
+    for js in find(docs, "JobSet"):
+        specs += [("jobset", pod_of(rj)["spec"]) for rj in js["spec"]["replicatedJobs"]]
+    return specs
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, MULTINODE])
+def test_every_container_has_requests_and_limits(overlay: str) -> None:
+    for name, spec in pod_specs(rendered(overlay)):
+        for c in spec["containers"] + spec.get("initContainers", []):
+            res = c.get("resources", {})
+            where = f"{name}/{c['name']}"
+            assert {"cpu", "memory"} <= res.get("requests", {}).keys(), where
+            assert "memory" in res.get("limits", {}), where
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, MULTINODE])
+def test_least_privilege(overlay: str) -> None:
+    """No API token, RuntimeDefault seccomp, non-root, no privilege escalation, no
+    capabilities, and read-only mounts wherever the service only reads."""
+    for name, spec in pod_specs(rendered(overlay)):
+        assert spec["automountServiceAccountToken"] is False, name
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] > 0, name
+        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]}, (name, c["name"])
+            for m in c.get("volumeMounts", []):
+                if m["mountPath"] == "/etc/mapo":
+                    assert m.get("readOnly") is True, (name, c["name"])
+        (main, *_) = spec["containers"]
+        mounts = {m["mountPath"]: m for m in main.get("volumeMounts", [])}
+        if name == "inference":  # reads the model its init container wrote
+            assert mounts["/data"].get("readOnly") is True
+            (init,) = spec["initContainers"]
+            assert not [m for m in init["volumeMounts"] if m.get("readOnly")]
+        if name in ("redis", "trainer", "jobset"):  # they write their data
+            assert not mounts["/data"].get("readOnly")
+        if name == "redis":
+            assert main["securityContext"]["readOnlyRootFilesystem"] is True

@@ -9,11 +9,14 @@ could be, a missing tool is a failure that says how to install it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,18 @@ PROMETHEUS_DIR = DEPLOY / "prometheus"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("cpu", "gpu", "hpa")
 VENV_BIN = Path(sys.executable).parent
+
+# Secrets have no defaults in deploy/ (deploy/make-secrets.sh makes them for a deployment). The
+# checks render and resolve the manifests with throwaway values of their own, never with the
+# files a developer may have made in this checkout.
+#: The compose variables that must be set, each with a throwaway value.
+COMPOSE_SECRETS = {
+    "REDIS_PASSWORD": secrets.token_hex(24),
+    "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(24),
+}
+#: The kustomize secretGenerator's input, relative to deploy/k8s (an env file, KEY=value).
+K8S_SECRET_FILE = Path("base") / "secrets" / "redis.env"
+K8S_REDIS_PASSWORD = secrets.token_hex(24)
 
 # Debian package that provides each binary.
 _DEBIAN = {
@@ -87,11 +102,42 @@ def venv_tool(name: str) -> str:
 
 
 def run(
-    cmd: list[str], *, cwd: Path = REPO, timeout: float = 60
+    cmd: list[str], *, cwd: Path = REPO, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
+
+
+def compose_env(**override: str | None) -> dict[str, str]:
+    """The environment compose runs in for the checks: the throwaway secrets, with
+    ``override`` applied (None removes a variable, e.g. to see compose refuse to start)."""
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS}
+    env.update(COMPOSE_SECRETS)
+    for key, value in override.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def empty_env_file() -> Path:
+    """An empty file for compose's ``--env-file``: a developer's own .env beside
+    docker-compose.yml (secrets, image names) must not change what the checks see."""
+    fd, name = tempfile.mkstemp(prefix="mapo-compose-", suffix=".env")
+    os.close(fd)
+    atexit.register(os.unlink, name)
+    return Path(name)
+
+
+def k8s_copy(dest: Path, *, secret: bool = True) -> Path:
+    """deploy/k8s copied to ``dest``, with a throwaway Redis password as the secretGenerator's
+    input (``secret``); kustomize renders the copy as it would the original."""
+    shutil.copytree(K8S, dest, ignore=shutil.ignore_patterns("redis.env"))
+    if secret:
+        (dest / K8S_SECRET_FILE).write_text(f"password={K8S_REDIS_PASSWORD}\n")
+    return dest
 
 
 def promql() -> Any:

@@ -12,9 +12,11 @@
    build through ``deploy/docker/wheels/`` (offline build: ``--no-index``);
 4. builds the images with compose (plus a local Prometheus image from the host's binary);
 5. brings up the CPU profile without Grafana (redis, reward, model, trainer, inference replicas,
-   prometheus), waits until every service is healthy, lets the trainer take a few steps through
-   the real bus, checks that every replica serves the newest weight version, that Prometheus
-   scrapes every target and that every Grafana dashboard expression returns data;
+   prometheus) with secrets made for this run only (docker-compose.yml has no defaults for
+   them; a .env of the checkout is overridden), waits until every service is healthy, lets the
+   trainer take a few steps through the real bus, checks that every replica serves the newest
+   weight version, that Prometheus scrapes every target and that every Grafana dashboard
+   expression returns data;
 6. tears everything down in any case: containers, networks, volumes, the engine and its files.
 
 Each phase prints its duration. Exit status 0 only when every check passed and nothing that the
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -459,6 +462,9 @@ class Stack:
             "MAPO_BUILD_NETWORK": "none",
             "MAPO_OFFLINE_BUILD": "1",
             "MAPO_PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
+            # No secret has a default: this run makes its own, used by no other stack.
+            "REDIS_PASSWORD": secrets.token_hex(24),
+            "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(24),
         }
 
     def compose(

@@ -146,6 +146,8 @@ def run_grid(
     grid: Grid, warm: WarmStartSettings | None = None, log: Any = print
 ) -> list[report.RunResult]:
     """Run every cell the grid still lacks; the results of all its cells, in grid order."""
+    from services.stack.up import RUN_MARKER, is_run_dir
+
     cells = grid.cells()
     steps = {e: grid.resolved(e, grid.seeds[0]).trainer.steps for e in grid.estimators}
     models: dict[int, Path] = {}
@@ -161,7 +163,13 @@ def run_grid(
                 models[seed] = warm_model(
                     grid.config, grid.overrides, seed, grid.warm_dir(seed), warm
                 )
-            # A run without a summary may be half-written: start it again from nothing.
+            # A run without a summary may be half-written: start it again from nothing (only
+            # a run directory, never a directory of other files that has the same name).
+            if run_dir.exists() and not is_run_dir(run_dir):
+                raise RunFailed(
+                    f"{run_dir} is in the way: it is not a run directory of mapo up (no "
+                    f"{RUN_MARKER}). Move it away, or choose another --run-dir"
+                )
             shutil.rmtree(run_dir, ignore_errors=True)
             log(f"{head}: {steps[estimator]} steps (log: {run_dir / 'up.log'})")
             run = UpRun(

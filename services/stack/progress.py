@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from services.core.secrets import redact_tree
+
 SUMMARY_FILE = "summary.json"
 CURVE_FILE = "learning_curve.png"
 BAR_CHARS = "-#"  # tqdm's bar: empty, then full
@@ -207,10 +209,14 @@ def summary_table(summary: Mapping[str, Any]) -> str:
 
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
-    """``summary.json`` in the run directory, replaced atomically."""
+    """``summary.json`` in the run directory, replaced atomically.
+
+    Secrets are redacted (a ``--set inference.admin_token=...`` among the overrides a grid
+    records, a URL with a password): summaries get shared.
+    """
     path = run_dir / SUMMARY_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(summary), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(redact_tree(summary), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -61,8 +61,17 @@ class UpRun:
 
 def run_up(run: UpRun) -> dict[str, Any]:
     """Run ``mapo up`` to the end and return its ``summary.json``; raise :class:`RunFailed`
-    when it fails. Interrupted (Ctrl-C, SIGTERM), it stops the child, which stops its stack."""
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+    when it fails. Interrupted (Ctrl-C, SIGTERM), it stops the child, which stops its stack.
+
+    The run directory is claimed (marked) before the log goes into it, so that ``mapo up``
+    accepts it as a run directory; a directory with other files in it is refused.
+    """
+    from services.stack.up import RunDirError, claim_run_dir
+
+    try:
+        claim_run_dir(run.run_dir)
+    except RunDirError as exc:
+        raise RunFailed(str(exc)) from None
     log = run.run_dir / LOG_FILE
     up = Child.start("mapo up", run.command(), log_path=log)
     try:

@@ -8,6 +8,11 @@ the same accuracies again on the same problems with the same decoding; stop ever
 a table and write ``summary.json`` and ``learning_curve.png`` into the run directory. Ctrl-C,
 SIGTERM or a failing piece stop every process this command started, and a piece that cannot
 start is reported with its fix.
+
+The run directory is marked as one (:data:`RUN_MARKER`): ``mapo up`` replaces the outputs of an
+earlier run only in a directory it marked, and starts only in a new or empty one otherwise.
+Secrets (the password of the bus URL, tokens) are never printed or written: the run's
+``config.toml`` holds them redacted, and the services get them through their environment.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -29,7 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
-from services.core.config import ConfigError, RunConfig, load_config
+from services.core.config import ENV_PREFIX, ConfigError, RunConfig, load_config
+from services.core.secrets import (
+    REDACTED,
+    is_secret_name,
+    redact_text,
+    redact_tree,
+    redact_url,
+    redacted_fields,
+)
 from services.stack.processes import (
     Child,
     StartError,
@@ -109,6 +123,52 @@ RUN_OUTPUTS = (
 )
 
 
+#: The file that makes a directory a run directory of ``mapo up`` (written when it claims one).
+RUN_MARKER = ".mapo-run"
+#: First line of the ``config.toml`` a run writes: an older run directory, from before the
+#: marker, is recognised by it.
+CONFIG_HEADER = "# The effective config of this run, written by `mapo up`.\n"
+
+
+class RunDirError(ValueError):
+    """A run directory ``mapo up`` must not write into; the message says how to fix it."""
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a run directory of ``mapo up`` (marked, or written before the
+    marker existed: its config.toml starts with :data:`CONFIG_HEADER`)."""
+    if (run_dir / RUN_MARKER).is_file():
+        return True
+    try:
+        with (run_dir / "config.toml").open(encoding="utf-8") as f:
+            return f.readline() == CONFIG_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` a run directory: create it, or mark an empty one; keep a run's own.
+
+    Anything else is refused (:class:`RunDirError`): a new run deletes an old run's outputs
+    there, and those names (logs, weights, checkpoints...) may be someone's own files.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a directory; choose another --run-dir")
+    if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
+        raise RunDirError(
+            f"{run_dir} is not empty and is not a run directory of mapo up (it has no "
+            f"{RUN_MARKER}), and a run replaces its logs, weights and checkpoints. Choose a new "
+            f"or empty directory with --run-dir, or, if it holds an earlier run of mapo up, "
+            f"mark it as one: touch {run_dir / RUN_MARKER}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / RUN_MARKER
+    if not marker.is_file():
+        marker.write_text(
+            "A run directory of `mapo up`: a new run here replaces the outputs of the last.\n"
+        )
+
+
 def clear_previous_run(run_dir: Path) -> None:
     """Remove the outputs of an earlier RL run in ``run_dir`` (only the names a run writes)."""
     for name in RUN_OUTPUTS:
@@ -133,18 +193,49 @@ def missing_pieces() -> list[str]:
 
 
 def dump_config(config: RunConfig) -> tuple[str, list[str]]:
-    """The config as TOML, and ``section.field=null`` overrides for the fields that are None.
+    """The config as TOML without its secrets, and ``section.field=null`` overrides for the
+    fields that are None.
 
     TOML has no null, and leaving a field out would bring back its default, so a None travels
-    to the child processes as an explicit override instead.
+    to the child processes as an explicit override instead. A URL keeps its host with the
+    password as ``***``; a token or password field is left out (its default, empty, disables
+    what it guards, where ``***`` would be a guessable token). The services get the real values
+    from :func:`secret_env`.
     """
     tree = config.model_dump(mode="json")
     nulls = [f"{s}.{k}=null" for s, fields in tree.items() for k, v in fields.items() if v is None]
-    header = "# The effective config of this run, written by `mapo up`.\n"
+    hidden = redacted_fields(tree)
+    header = CONFIG_HEADER
     if nulls:
         header += "# None (passed to the services as --set): " + " ".join(nulls) + "\n"
-    body = {s: {k: v for k, v in fields.items() if v is not None} for s, fields in tree.items()}
+    if hidden:
+        header += (
+            "# Secrets, redacted or left out here (the services got them in their environment): "
+            + " ".join(hidden)
+            + "\n"
+        )
+    body = {
+        s: {
+            k: v
+            for k, v in fields.items()
+            if v is not None and not (is_secret_name(k) and v == REDACTED)
+        }
+        for s, fields in redact_tree(tree).items()
+    }
     return header + "\n" + tomli_w.dumps(body), nulls
+
+
+def secret_env(config: RunConfig) -> dict[str, str]:
+    """``MAPO__SECTION__FIELD`` variables with the values :func:`dump_config` does not write.
+
+    JSON strings, so that a token of digits stays a string when the config reads it back.
+    """
+    tree = config.model_dump(mode="json")
+    env = {}
+    for dotted in redacted_fields(tree):
+        section, field = dotted.split(".", 1)
+        env[f"{ENV_PREFIX}{section.upper()}__{field.upper()}"] = json.dumps(tree[section][field])
+    return env
 
 
 def run_config(base: RunConfig, run_dir: Path, redis_url: str, reward_port: int) -> RunConfig:
@@ -206,7 +297,10 @@ class Stack:
         self.service_args = ["--config", str(config_file)]
         for item in nulls:
             self.service_args += ["--set", item]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # config_file is the whole effective config (the MAPO__ variables of this environment
+        # are in it already), less the secrets, which travel here: never on a command line.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        self.env = {**inherited, **secret_env(config), "PYTHONUNBUFFERED": "1"}
         self.reward: Child | None = None
         self.replicas: list[Child] = []
         self.trainer: Child | None = None
@@ -394,7 +488,11 @@ def run(args: argparse.Namespace) -> int:
         print("mapo up: --replicas must be at least 1", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir or DEFAULT_RUN_DIR).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        claim_run_dir(run_dir)
+    except RunDirError as exc:
+        print(f"mapo up: {exc}", file=sys.stderr)
+        return 2
     clear_previous_run(run_dir)
     print(
         f"mapo up: {base.trainer.steps} steps of {base.algorithm.estimator} with "
@@ -421,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
             redis = ensure_redis(run_dir / "redis", die_with_parent=True)
             if redis.child is None:
                 check_url(redis.url)
-            print(f"redis: {redis.source} at {redis.url}", flush=True)
+            print(f"redis: {redis.source} at {redact_url(redis.url)}", flush=True)
             config = run_config(base, run_dir, redis.url, free_port())
             config.model.path = str(model_dir)
             config.trainer.cpu_threads = trainer_threads(config, args.replicas)
@@ -473,7 +571,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"summary: {run_dir / 'summary.json'}; curve: {run_dir / CURVE_FILE}")
             return 0
     except StartError as exc:
-        print("\n" + exc.explain(), file=sys.stderr)
+        # The explanation may quote a URL, e.g. an unreachable REDIS_URL.
+        print("\n" + redact_text(exc.explain()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\nmapo up: interrupted; stopping everything (logs in {run_dir / 'logs'})")
