@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.core.config import load_config
+from services.core.config import RunConfig, load_config
 from services.stack import processes, progress, redis_local, up
 from services.stack.processes import Child, StartError
 
@@ -59,6 +59,139 @@ def test_bound_config_round_trips_through_toml_including_nulls(tmp_path: Path) -
     assert "algorithm.dual_clip=null" in nulls
     (tmp_path / "c.toml").write_text(text)
     assert load_config(tmp_path / "c.toml", environ={}, overrides=nulls) == config
+
+
+PASSWORD = "hunter2-bus"
+TOKEN = "98765432101234"  # digits only: must come back a string, not a number
+
+
+def secret_config(tmp_path: Path) -> RunConfig:
+    base, _ = up.resolve_config(
+        up_args(overrides=["algorithm.dual_clip=null", f'inference.admin_token="{TOKEN}"'])
+    )
+    return up.run_config(base, tmp_path, f"redis://:{PASSWORD}@127.0.0.1:1/0", 4242)
+
+
+def test_written_config_holds_no_secret_and_the_services_get_them(tmp_path: Path) -> None:
+    config = secret_config(tmp_path)
+    assert config.inference.admin_token == TOKEN
+    text, nulls = up.dump_config(config)
+    assert PASSWORD not in text and TOKEN not in text
+    assert "redis://:***@127.0.0.1:1/0" in text  # still says where the bus was
+    assert "bus.url inference.admin_token" in text.splitlines()[2]  # the header names them
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    # The services: the file, the nulls, and the secrets from their environment.
+    env = up.secret_env(config)
+    assert set(env) == {"MAPO__BUS__URL", "MAPO__INFERENCE__ADMIN_TOKEN"}
+    assert load_config(path, environ=env, overrides=nulls) == config
+    # Whoever re-reads the file alone (`mapo eval RUN_DIR`) gets a valid config without the
+    # secrets: a bus URL that cannot log in, and the admin routes off.
+    again = load_config(path, environ={}, overrides=nulls)
+    assert again.bus.url == "redis://:***@127.0.0.1:1/0" and again.inference.admin_token == ""
+    assert again.model_copy(update={"bus": config.bus, "inference": config.inference}) == config
+
+
+def test_services_get_secrets_in_their_environment_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = secret_config(tmp_path)
+    text, nulls = up.dump_config(config)
+    (tmp_path / "config.toml").write_text(text)
+    monkeypatch.setenv("MAPO__TRAINER__STEPS", "3")  # in config.toml already, by the parent
+    monkeypatch.setenv("MAPO_LOG_LEVEL", "DEBUG")
+    stack = up.Stack(config, tmp_path, tmp_path / "config.toml", nulls)
+    assert stack.env["MAPO__BUS__URL"] == json.dumps(config.bus.url)
+    assert "MAPO__TRAINER__STEPS" not in stack.env and stack.env["MAPO_LOG_LEVEL"] == "DEBUG"
+    command = " ".join(stack._mapo("trainer", "run"))
+    assert PASSWORD not in command and TOKEN not in command  # never on a command line
+
+
+def test_run_dir_is_claimed_with_a_marker(tmp_path: Path) -> None:
+    new = tmp_path / "new" / "run"
+    up.claim_run_dir(new)
+    assert (new / up.RUN_MARKER).is_file() and up.is_run_dir(new)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    up.claim_run_dir(empty)
+    assert up.is_run_dir(empty)
+    # A run of its own: its outputs go, the marker and the warm-started model stay.
+    for name in ("logs", "weights", "model"):
+        (new / name).mkdir()
+    (new / "summary.json").write_text("{}")
+    up.claim_run_dir(new)
+    up.clear_previous_run(new)
+    assert sorted(p.name for p in new.iterdir()) == [up.RUN_MARKER, "model"]
+    # A run directory from before the marker: recognised by its config.toml, then marked.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.toml").write_text(up.dump_config(secret_config(tmp_path))[0])
+    (old / "logs").mkdir()
+    up.claim_run_dir(old)
+    assert (old / up.RUN_MARKER).is_file()
+
+
+def test_a_directory_of_other_files_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "mine"
+    (mine / "logs").mkdir(parents=True)
+    (mine / "logs" / "notes.txt").write_text("keep me")
+    (mine / "config.toml").write_text("[trainer]\nsteps = 1\n")  # not one mapo up wrote
+    with pytest.raises(up.RunDirError, match=r"touch .*\.mapo-run"):
+        up.claim_run_dir(mine)
+    assert up.run(up_args(run_dir=str(mine))) == 2
+    err = capsys.readouterr().err
+    assert "is not empty and is not a run directory" in err and "--run-dir" in err
+    assert (mine / "logs" / "notes.txt").read_text() == "keep me"
+    assert not (mine / up.RUN_MARKER).exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(up.RunDirError, match="is a file"):
+        up.claim_run_dir(a_file)
+
+
+def test_run_up_marks_its_directory_before_the_log_and_refuses_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.stack import runs
+
+    seen: list[bool] = []
+
+    class Done:
+        def wait(self) -> int:
+            return 0
+
+        def stop(self, grace_s: float) -> None:
+            pass
+
+    def start(name: str, args: list[str], *, log_path: Path) -> Done:
+        seen.append(up.is_run_dir(log_path.parent))
+        (log_path.parent / progress.SUMMARY_FILE).write_text('{"steps": 1}')
+        return Done()
+
+    monkeypatch.setattr(Child, "start", start)
+    run = runs.UpRun(tmp_path / "grid" / "runs" / "mapo-seed-0", 0, tmp_path / "model")
+    assert runs.run_up(run) == {"steps": 1} and seen == [True]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("1")
+    with pytest.raises(runs.RunFailed, match="not a run directory"):
+        runs.run_up(runs.UpRun(other, 0, tmp_path / "model"))
+    assert seen == [True] and not (other / runs.LOG_FILE).exists()
+
+
+def test_summary_json_hides_secrets(tmp_path: Path) -> None:
+    summary = {
+        "steps": 3,
+        "overrides": [f"inference.admin_token={TOKEN}", "trainer.steps=3"],
+        "bus": f"redis://:{PASSWORD}@h:1/0",
+    }
+    text = progress.write_summary(tmp_path, summary).read_text()
+    assert PASSWORD not in text and TOKEN not in text
+    written = json.loads(text)
+    assert written["overrides"] == ["inference.admin_token=***", "trainer.steps=3"]
+    assert written["bus"] == "redis://:***@h:1/0" and written["steps"] == 3
 
 
 def test_missing_service_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

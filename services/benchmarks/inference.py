@@ -99,7 +99,10 @@ def _direct_worker(model: str, spec: dict[str, Any], config: RunConfig) -> None:
             temperature=spec.get("temperature", 1.0),
             top_p=spec.get("top_p", 1.0),
             logprobs=0,
-            seed=i,
+            # No per-request seed with pictures: vLLM 0.32's CPU runner crashes rewinding a
+            # seeded generator when it splits a long prompt's prefill ("CPU Generator does not
+            # use offset"). Both sides then sample freely; ignore_eos keeps the token counts.
+            seed=None if spec.get("images") else i,
             ignore_eos=spec.get("ignore_eos", True),
             # What a rollout needs, as the service asks for it: flat log-probs of the sampled
             # tokens, and the text decoded once per completion.
@@ -190,7 +193,7 @@ async def _service_round(url: str, model: str, spec: dict[str, Any]) -> dict[str
             "temperature": 1.0,
             "top_p": 1.0,
             "logprobs": True if images else 0,
-            "seed": i,
+            "seed": None if images else i,
             "ignore_eos": True,
         }
         resp = await client.post(f"{url}/v1/{route}", json=body)

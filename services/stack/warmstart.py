@@ -120,6 +120,8 @@ class Pictures:
 
     pixel_values: list[torch.Tensor]
     image_grid_thw: list[torch.Tensor]
+    #: Values per patch (channels x temporal x patch x patch), for text rows' empty entries.
+    width: int = 0
 
     def of(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         import torch
@@ -148,10 +150,13 @@ def encode_examples(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
     rows: list[tuple[list[int], int]] = []
-    pictures = Pictures([], []) if processor is not None else None
+    pictures = None
+    if processor is not None:
+        ip = processor.image_processor
+        pictures = Pictures([], [], 3 * ip.temporal_patch_size * ip.patch_size**2)
     for ex in examples:
         text = fmt.render(ex.prompt, len(ex.images))
-        if pictures is not None and processor is not None:
+        if pictures is not None and processor is not None and ex.images:
             images = [decode_image(data, ImageLimits()) for data in ex.images]
             out = processor(text=[text], images=images, return_tensors="pt")
             prompt = out["input_ids"][0].tolist()
@@ -159,6 +164,9 @@ def encode_examples(
             pictures.image_grid_thw.append(out["image_grid_thw"])
         else:
             prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if pictures is not None:  # a text problem for a vision-language model
+                pictures.pixel_values.append(torch.zeros((0, pictures.width)))
+                pictures.image_grid_thw.append(torch.zeros((0, 3), dtype=torch.long))
         answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
         rows.append((prompt + answer + [eos], len(prompt)))
     width = max(len(ids) for ids, _ in rows)

@@ -54,8 +54,10 @@ QUESTIONS = ("colour", "count")
 CELL = SIZE // 2
 #: Blank border inside each quadrant, so shapes stay apart and the corners show the background.
 MARGIN = 2
-#: Side lengths (px): recognisable at 56x56, and short enough of a quadrant to vary in position.
-MIN_SIDE, MAX_SIDE = 12, 22
+#: Side lengths (px): most of a quadrant, so that even a vision encoder that starts from random
+#: weights tells a quadrant with a shape from an empty one (smaller shapes, on a white background
+#: that dominates every patch, left the tiny warm-started models guessing), with room to move.
+MIN_SIDE, MAX_SIDE = 18, 24
 
 
 @dataclass(frozen=True)
