@@ -159,3 +159,43 @@ def test_the_trainer_refuses_pictures_that_are_not_the_rollouts(tiny_vl_model: P
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert processor.problem([[5, 6], [7]]) is None
     assert processor.problem([[5], [6, pad]]) == "rollout 1 generated a vision special token"
+
+
+def test_chat_style_records_are_rendered_as_their_conversation(
+    tmp_path: Path, tiny_vl_model: Path
+) -> None:
+    import json
+
+    from services.trainer.dataset import DatasetError, load_examples
+
+    (tmp_path / "a.png").write_bytes(png(12, 12))
+    record = {
+        "messages": [
+            {"role": "system", "content": "Answer with one word."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": "a.png"},
+                    {"type": "text", "text": "Colour?"},
+                ],
+            },
+        ],
+        "answer": "red",
+    }
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(record))
+    (example,) = load_examples(str(path), "shapes")
+    assert example.prompt == "Colour?" and example.images == (png(12, 12),)
+    rendered = PromptFormat.load(tiny_vl_model).render_example(example)
+    assert rendered == (
+        "<|im_start|>system\nAnswer with one word.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Colour?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(PromptFormatError, match="chat-style example needs"):
+        PromptFormat().render_example(example)
+    # Pictures listed beside the conversation fill its image parts in order; counts must agree.
+    record["messages"][1]["content"][0] = {"type": "image"}  # type: ignore[index]
+    record["images"] = ["a.png", "a.png"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(DatasetError, match="1 image parts but 2 pictures"):
+        load_examples(str(path), "shapes")

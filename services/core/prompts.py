@@ -10,9 +10,13 @@ tokenizer without a chat template (the built-in text demo's) leaves prompts as t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.core.tasks import Example
 
 
 class PromptFormatError(ValueError):
@@ -40,6 +44,21 @@ class PromptFormat:
     @property
     def chat(self) -> bool:
         return self.template is not None
+
+    def render_example(self, example: Example) -> str:
+        """An example as the model reads it: its conversation when it brings one, else one
+        user turn with its pictures and question."""
+        if not example.messages:
+            return self.render(example.prompt, len(example.images))
+        if self.template is None:
+            raise PromptFormatError(
+                "a chat-style example needs the model's chat template; this model has none "
+                "(or model.chat_template is off)"
+            )
+        rendered: str = self.template.apply_chat_template(
+            json.loads(example.messages), tokenize=False, add_generation_prompt=True
+        )
+        return rendered
 
     def render(self, text: str, images: int = 0) -> str:
         """One user turn holding ``images`` pictures then ``text``, ready for the reply."""

@@ -155,7 +155,7 @@ def encode_examples(
         ip = processor.image_processor
         pictures = Pictures([], [], 3 * ip.temporal_patch_size * ip.patch_size**2)
     for ex in examples:
-        text = fmt.render(ex.prompt, len(ex.images))
+        text = fmt.render_example(ex)
         if pictures is not None and processor is not None and ex.images:
             images = [decode_image(data, ImageLimits()) for data in ex.images]
             out = processor(text=[text], images=images, return_tensors="pt")

@@ -3,7 +3,8 @@
 Sources (``task.dataset``): ``builtin:NAME`` (a built-in task's train split, or its held-out or
 out-of-domain split for evaluation); a ``.jsonl`` / ``.json`` file; a ``.parquet`` file (needs ``pyarrow``); a
 directory written by ``datasets.save_to_disk`` (needs ``datasets``). Every record needs
-``prompt`` (or ``problem``, as in the public Geo3K conversions) and ``answer``; ``task`` defaults
+``prompt`` (or ``problem``, as in the public Geo3K conversions, or chat-style ``messages``:
+roles and contents, pictures as ``{"type": "image"}`` parts) and ``answer``; ``task`` defaults
 to ``task.name`` and ``id`` to the record's index. A record may carry pictures under ``images``
 (a list) or ``image``: file paths (relative to the dataset file), encoded bytes, a Hugging Face
 ``datasets`` image value (``{"bytes", "path"}``, or a decoded picture). ``<image>`` markers in
@@ -60,6 +61,68 @@ def _images_of(rec: Mapping[str, Any], base: Path | None, where: str) -> tuple[b
     return tuple(_image_bytes(item, base, where) for item in items)
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _conversation(
+    rec: Mapping[str, Any], base: Path | None, where: str
+) -> tuple[str, str, tuple[bytes, ...]]:
+    """A chat-style record's (conversation as JSON, last user text, pictures in order).
+
+    Pictures are ``{"type": "image"}`` parts, each with its picture inline (``"image"``: a path,
+    bytes or an image value) or, in order, from the record's ``images``.
+    """
+    raw = rec["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise DatasetError(f"{where}: messages must be a non-empty list")
+    inline: list[bytes] = []
+    bare = 0
+    messages: list[dict[str, Any]] = []
+    question = ""
+    for k, m in enumerate(raw):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES:
+            raise DatasetError(f"{where}: messages[{k}] needs a role in {ROLES}")
+        content = m.get("content")
+        if isinstance(content, str):
+            messages.append({"role": m["role"], "content": content})
+            text = content
+        elif isinstance(content, list):
+            parts: list[dict[str, str]] = []
+            texts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                    texts.append(part["text"])
+                elif kind == "image":
+                    parts.append({"type": "image"})
+                    if part.get("image") is not None:
+                        inline.append(_image_bytes(part["image"], base, where))
+                    else:
+                        bare += 1
+                else:
+                    raise DatasetError(
+                        f"{where}: messages[{k}] has a part that is not text or image"
+                    )
+            messages.append({"role": m["role"], "content": parts})
+            text = " ".join(texts)
+        else:
+            raise DatasetError(f"{where}: messages[{k}] content must be text or a list of parts")
+        if m["role"] == "user":
+            question = text
+    listed = _images_of(rec, base, where)
+    if inline and bare:
+        raise DatasetError(f"{where}: give every picture inline or none")
+    pictures = tuple(inline) or listed
+    if len(pictures) != len(inline) + bare:
+        raise DatasetError(
+            f"{where}: {len(inline) + bare} image parts but {len(pictures)} pictures"
+        )
+    if not question.strip():
+        raise DatasetError(f"{where}: messages hold no user text")
+    return json.dumps(messages), question.strip(), pictures
+
+
 def _records_to_examples(
     records: Iterable[Mapping[str, Any]], task: str, where: str, base: Path | None = None
 ) -> list[Example]:
@@ -67,6 +130,19 @@ def _records_to_examples(
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
             raise DatasetError(f"{where}: record {i} is not an object")
+        if "messages" in rec and "answer" in rec:
+            chat, question, pictures = _conversation(rec, base, f"{where}: record {i}")
+            out.append(
+                Example(
+                    id=str(rec.get("id", i)),
+                    prompt=question,
+                    answer=str(rec["answer"]),
+                    task=str(rec.get("task") or task),
+                    images=pictures,
+                    messages=chat,
+                )
+            )
+            continue
         prompt = rec.get("prompt", rec.get("problem"))
         if prompt is None or "answer" not in rec:
             raise DatasetError(f"{where}: record {i} needs a prompt (or problem) and an answer")

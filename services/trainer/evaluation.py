@@ -219,7 +219,7 @@ def evaluate(
     completions = greedy_completions(
         model,
         tokenizer,
-        [fmt.render(e.prompt, len(e.images)) for e in examples],
+        [fmt.render_example(e) for e in examples],
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         images=[e.images for e in examples],
@@ -247,7 +247,7 @@ def sampled_accuracy(
     per_prompt = sampled_completions(
         model,
         tokenizer,
-        [fmt.render(e.prompt, len(e.images)) for e in examples],
+        [fmt.render_example(e) for e in examples],
         sampling,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,

@@ -131,7 +131,7 @@ class Feeder:
             self._staged.update(zip(refs, ex.images, strict=True))
             yield PromptMessage(
                 prompt_id=f"{self.run_id}:{pos.epoch}:{pos.index}",
-                prompt=self.prompt_format.render(ex.prompt, len(ex.images)),
+                prompt=self.prompt_format.render_example(ex),
                 answer=ex.answer,
                 task=ex.task,
                 group_size=r.group_size,

@@ -22,6 +22,10 @@ class Example:
     task: str
     #: Encoded images (PNG, JPEG, ...) shown with the prompt, in order; empty for text tasks.
     images: tuple[bytes, ...] = ()
+    #: A whole conversation to render instead of one user turn (a dataset's chat-style
+    #: ``messages``, as JSON: roles and contents, pictures as ``{"type": "image"}`` parts in the
+    #: order of ``images``); empty for a plain question.
+    messages: str = ""
 
 
 @dataclass(frozen=True)
