@@ -78,9 +78,11 @@ APT_TOOLS = {  # command -> Debian package
 }
 SERVICES = ("redis", "reward", "model", "trainer-cpu", "inference-cpu", "prometheus")
 # The work directory (the engine's data root included) is a tmpfs when this much memory is
-# free: the images and containers take about 4 GiB there (a tmpfs only holds what is written).
-TMPFS_MIN_FREE_GIB = 14.0
-TMPFS_SIZE = "12g"
+# free: the images and containers take about 18 GiB there at the peak of the build (the image
+# carries torch's regular build with its CUDA libraries, and the offline build copies their
+# wheels in too; a tmpfs only holds what is written). With less memory they go to the disk.
+TMPFS_MIN_FREE_GIB = 40.0
+TMPFS_SIZE = "30g"
 HOST_PORTS = {"prometheus": 9090, "reward metrics": 9091, "trainer metrics": 9092}
 
 
