@@ -6,8 +6,6 @@ Each test runs its own event loop with ``asyncio.run`` and uses streams no other
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgpack
 import pytest
@@ -22,23 +20,16 @@ from services.transport import (
     reader,
 )
 from services.transport.names import PAYLOAD_FIELD
-from tests.fixtures.redis import BusSetup, RedisServer, make_group, make_prompt, make_weights
+from tests.fixtures.redis import (
+    BusSetup,
+    RedisServer,
+    make_group,
+    make_prompt,
+    make_weights,
+)
+from tests.fixtures.redis import run_buses as run
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def run(setup: BusSetup, body: Callable[..., Awaitable[Any]], n_buses: int = 1, **kw: Any) -> Any:
-    """Run ``body(setup, *buses)`` in a fresh loop and close the buses afterwards."""
-
-    async def main() -> Any:
-        buses = [setup.make(**kw) for _ in range(n_buses)]
-        try:
-            return await body(setup, *buses)
-        finally:
-            for b in buses:
-                await b.close()
-
-    return asyncio.run(main())
 
 
 def test_published_prompts_are_delivered_in_order_and_acked(bus_setup: BusSetup) -> None:

@@ -14,7 +14,7 @@ import math
 import struct
 import time
 import types
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -55,6 +55,7 @@ from services.transport import entries as entries_module
 from services.transport.entries import RawEntry, decode_entry
 from services.transport.factory import config_bound, make_bus, wire_limits
 from tests.fixtures.redis import BusSetup, make_group, make_prompt, make_weights
+from tests.fixtures.redis import run_buses as run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,20 +85,6 @@ SMALL = WireLimits(
     max_timestamp=2e9,
 )
 KINDS = (None, KIND_PROMPT, KIND_SCORED_GROUP, KIND_WEIGHTS)
-
-
-def run(setup: BusSetup, body: Callable[..., Awaitable[Any]], n_buses: int = 1, **kw: Any) -> Any:
-    """Run ``body(setup, *buses)`` in a fresh loop and close the buses afterwards."""
-
-    async def main() -> Any:
-        buses = [setup.make(**kw) for _ in range(n_buses)]
-        try:
-            return await body(setup, *buses)
-        finally:
-            for b in buses:
-                await b.close()
-
-    return asyncio.run(main())
 
 
 # ----------------------------------------------------------------------------- raw msgpack
