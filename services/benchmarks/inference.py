@@ -80,6 +80,7 @@ def _direct_worker(model: str, spec: dict[str, Any], config: RunConfig) -> None:
     Prints ``ready``, then one JSON line per line read from stdin.
     """
     from services.inference.engine import apply_cpu_defaults, engine_kwargs
+    from services.inference.generation import never_sample
     from services.models.arch import placeholder_ids
 
     # vLLM logs to stdout: keep the real stdout for the protocol, send everything else to stderr.
@@ -109,7 +110,7 @@ def _direct_worker(model: str, spec: dict[str, Any], config: RunConfig) -> None:
             flat_logprobs=True,
             detokenize=False,
             # As the service samples for a vision-language model: never a picture placeholder.
-            logit_bias=dict.fromkeys(sorted(never), -100.0) if never else None,
+            logit_bias=never_sample(never),
         )
         for i in range(len(prompts))
     ]

@@ -32,6 +32,16 @@ class Generation:
     seconds: float
 
 
+#: Logit bias that keeps a token from ever being sampled (exp(-100) is 0 in float32).
+NEVER_BIAS = -100.0
+
+
+def never_sample(token_ids: frozenset[int]) -> dict[int, float] | None:
+    """The ``logit_bias`` that masks ``token_ids`` (a vision-language model's picture
+    placeholders); None when there are none."""
+    return dict.fromkeys(sorted(token_ids), NEVER_BIAS) if token_ids else None
+
+
 def sampling_params(**kwargs: Any) -> SamplingParams:
     """vLLM sampling parameters; settings it rejects raise :class:`PromptRejected`."""
     from vllm import SamplingParams

@@ -28,7 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.core.images import ImageError, decode_image, limits_of
 from services.core.prompts import PromptFormat
-from services.inference.generation import EngineUnavailable, PromptRejected, sampling_params
+from services.inference.generation import (
+    EngineUnavailable,
+    PromptRejected,
+    never_sample,
+    sampling_params,
+)
 from services.inference.service import InferenceService
 
 if TYPE_CHECKING:
@@ -362,7 +367,6 @@ def build_router(service: InferenceService) -> APIRouter:
                     ]
                 )
                 request = {"prompt": text, "multi_modal_data": {"image": pictures}}
-            forbidden = service.vision_token_ids
             params = sampling_params(
                 n=req.n,
                 temperature=req.temperature,
@@ -372,7 +376,7 @@ def build_router(service: InferenceService) -> APIRouter:
                 seed=req.seed,
                 stop=req.stop,
                 ignore_eos=req.ignore_eos,
-                logit_bias=dict.fromkeys(sorted(forbidden), -100.0) if forbidden else None,
+                logit_bias=never_sample(service.vision_token_ids),
                 flat_logprobs=True,
                 detokenize=bool(req.stop),
                 output_kind=RequestOutputKind.FINAL_ONLY,

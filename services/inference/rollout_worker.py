@@ -39,6 +39,7 @@ from services.inference.generation import (
     EngineUnavailable,
     Generation,
     PromptRejected,
+    never_sample,
     sampling_params,
 )
 from services.inference.metrics import InferenceMetrics
@@ -127,7 +128,7 @@ def rollout_params(
     from vllm.sampling_params import RequestOutputKind
 
     return sampling_params(
-        logit_bias=dict.fromkeys(sorted(forbidden), -100.0) if forbidden else None,
+        logit_bias=never_sample(forbidden),
         n=prompt.group_size,
         temperature=prompt.temperature,
         top_p=prompt.top_p,

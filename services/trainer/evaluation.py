@@ -201,6 +201,18 @@ def sampled_completions(
     return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
+def rendered(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    processor: Any | None,
+    prompt_format: PromptFormat | None,
+) -> list[str]:
+    """The examples' prompts as the trainer issues them (``prompt_format``, or the
+    tokenizer's chat template when there is one)."""
+    fmt = prompt_format or PromptFormat.for_tokenizer(text_and_images(tokenizer, processor)[0])
+    return [fmt.render_example(e) for e in examples]
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -215,11 +227,10 @@ def evaluate(
     with ``prompt_format`` (as the trainer issues them), pictures through ``processor``."""
     if not examples:
         return EvalResult(0.0, 0, 0, ())
-    fmt = prompt_format or PromptFormat.for_tokenizer(text_and_images(tokenizer, processor)[0])
     completions = greedy_completions(
         model,
         tokenizer,
-        [fmt.render_example(e) for e in examples],
+        rendered(examples, tokenizer, processor, prompt_format),
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         images=[e.images for e in examples],
@@ -243,11 +254,10 @@ def sampled_accuracy(
     """Mean exact-match accuracy over ``sampling.samples`` sampled completions per example."""
     if not examples:
         return 0.0
-    fmt = prompt_format or PromptFormat.for_tokenizer(text_and_images(tokenizer, processor)[0])
     per_prompt = sampled_completions(
         model,
         tokenizer,
-        [fmt.render_example(e) for e in examples],
+        rendered(examples, tokenizer, processor, prompt_format),
         sampling,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
