@@ -187,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--steps", type=int, default=100, help="RL steps of each run")
     bo.add_argument("--run-dir", default=None, help="where the models and runs go")
 
+    bs = _command(
+        bsub,
+        "soak",
+        "services.benchmarks.soak:main",
+        "The stack for N minutes under periodic faults: ledger, restarts, memory, streams.",
+    )
+    bs.add_argument("--minutes", type=float, default=60.0, help="minutes of training")
+    bs.add_argument(
+        "--fault-every-s", type=float, default=180.0, help="seconds between injected faults"
+    )
+    bs.add_argument(
+        "--sample-every-s", type=float, default=60.0, help="seconds between memory samples"
+    )
+    bs.add_argument("--replicas", type=int, default=1, help="inference replicas")
+    bs.add_argument("--run-dir", default=None, help="where the model, run and results go")
+
     cfg = _command(sub, "config", "services.cli:show_config", "Print the effective config.")
     cfg.add_argument("--json", action="store_true", help="as JSON instead of TOML-like text")
     return parser

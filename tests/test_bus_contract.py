@@ -429,3 +429,36 @@ def test_the_server_is_redis_6_2_or_newer(redis_server: RedisServer) -> None:
     version = asyncio.run(main())
     print(f"redis_version={version} ({redis_server.source})")
     assert tuple(int(x) for x in version.split(".")[:2]) >= (6, 2)
+
+
+def test_trim_consumed_drops_only_what_every_group_acknowledged(bus_setup: BusSetup) -> None:
+    async def body(s: BusSetup, bus: Bus) -> None:
+        stream = s.config.prompts_stream
+        await bus.ensure_group(stream, INFERENCE_GROUP)
+        await bus.ensure_group(stream, "audit")
+        ids = await bus.publish_many(stream, [make_prompt(i) for i in range(6)])
+        got = await bus.read(stream, INFERENCE_GROUP, "r0", 4, expect=PromptMessage)
+        await bus.ack(stream, INFERENCE_GROUP, [got[0].entry_id, got[2].entry_id])
+        # The "audit" group has read nothing yet: nothing may go.
+        assert await bus.trim_consumed(stream) == 0
+        audit = await bus.read(stream, "audit", "a0", 6, expect=PromptMessage)
+        await bus.ack(stream, "audit", [d.entry_id for d in audit])
+        # Entry 1 is still pending in the inference group: only entry 0 goes before it.
+        assert await bus.trim_consumed(stream) == 1
+        await bus.ack(stream, INFERENCE_GROUP, [got[1].entry_id, got[3].entry_id])
+        # 0-3 acknowledged by both; 4 and 5 were never delivered to the inference group.
+        assert await bus.trim_consumed(stream) == 3
+        assert (await bus.stats(stream)).length == 2
+        rest = await bus.read(stream, INFERENCE_GROUP, "r0", 10, expect=PromptMessage)
+        assert [d.entry_id for d in rest] == ids[4:]
+        # A stream without groups (announcements) keeps its newest entries.
+        weights = s.config.weights_stream
+        for v in range(5):
+            await bus.publish(weights, make_weights(v))
+        assert await bus.trim_consumed(weights, keep_last=2) == 3
+        assert await bus.trim_consumed(weights) == 0
+        newest = await bus.latest(weights, expect=WeightAnnouncement)
+        assert newest is not None and newest.message.version == 4
+        assert await bus.trim_consumed("no-such-stream") == 0
+
+    run(bus_setup, body)

@@ -453,7 +453,7 @@ def test_image_overrides_default_to_the_pinned_images(resolved: dict[str, Any]) 
 # --- Secrets: none in deploy/, compose refuses to start without them --------------------
 
 
-SECRET_VARIABLES = ("REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
+SECRET_VARIABLES = ("REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "WEIGHTS_ANNOUNCE_SECRET")
 
 
 @pytest.mark.parametrize("name", SECRET_VARIABLES)
@@ -529,7 +529,7 @@ def test_make_secrets_writes_once_and_compose_accepts_them(tmp_path: Path) -> No
     assert (dotenv.read_text(), k8s.read_text()) == first
     assert run(["sh", str(script), "nonsense"], cwd=tmp_path).returncode == 2
     # Compose resolves with that .env alone (no secret in the environment).
-    env = compose_env(REDIS_PASSWORD=None, GRAFANA_ADMIN_PASSWORD=None)
+    env = compose_env(**dict.fromkeys(SECRET_VARIABLES))
     out = run(
         [binary("docker-compose"), "--env-file", str(dotenv), "-f", str(COMPOSE), "config"],
         env=env,

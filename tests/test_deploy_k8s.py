@@ -37,8 +37,10 @@ from services.core.config import BusConfig, build_config, load_config
 from services.transport.names import INFERENCE_GROUP
 from tests.test_deploy_tools import (
     K8S,
+    K8S_ANNOUNCE_SECRET,
     K8S_REDIS_PASSWORD,
     K8S_SECRET_FILE,
+    K8S_WEIGHTS_SECRET_FILE,
     OVERLAYS,
     PROMETHEUS_DIR,
     binary,
@@ -828,14 +830,18 @@ def test_no_secret_value_in_the_manifests() -> None:
             if isinstance(doc, dict) and doc.get("kind") == "Secret":
                 raise AssertionError(f"{path} ships a Secret")
     base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
-    (gen,) = base["secretGenerator"]
-    assert gen["name"] == "mapo-redis" and gen["envs"] == [str(K8S_SECRET_FILE.relative_to("base"))]
-    assert "literals" not in gen
+    files = {"mapo-redis": K8S_SECRET_FILE, "mapo-weights": K8S_WEIGHTS_SECRET_FILE}
+    gens = {gen["name"]: gen for gen in base["secretGenerator"]}
+    assert set(gens) == set(files)
+    for name, gen in gens.items():
+        assert gen["envs"] == [str(files[name].relative_to("base"))] and "literals" not in gen
     for overlay in (*OVERLAYS, MULTINODE):
-        (secret,) = find(rendered(overlay), "Secret")
-        assert secret_data(secret) == {"password": K8S_REDIS_PASSWORD}
-        # Stable name: KEDA's TriggerAuthentication and a user's own Secret use it.
-        assert secret["metadata"]["name"] == "mapo-redis"
+        secrets = {s["metadata"]["name"]: secret_data(s) for s in find(rendered(overlay), "Secret")}
+        # Stable names: KEDA's TriggerAuthentication and a user's own Secrets use them.
+        assert secrets == {
+            "mapo-redis": {"password": K8S_REDIS_PASSWORD},
+            "mapo-weights": {"announce_secret": K8S_ANNOUNCE_SECRET},
+        }
 
 
 # --- NetworkPolicies ----------------------------------------------------------------------

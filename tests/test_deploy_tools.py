@@ -38,10 +38,14 @@ VENV_BIN = Path(sys.executable).parent
 COMPOSE_SECRETS = {
     "REDIS_PASSWORD": secrets.token_hex(24),
     "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(24),
+    "WEIGHTS_ANNOUNCE_SECRET": secrets.token_hex(24),
 }
 #: The kustomize secretGenerator's input, relative to deploy/k8s (an env file, KEY=value).
 K8S_SECRET_FILE = Path("base") / "secrets" / "redis.env"
 K8S_REDIS_PASSWORD = secrets.token_hex(24)
+#: The second one: the key of the weight announcements' signatures.
+K8S_WEIGHTS_SECRET_FILE = Path("base") / "secrets" / "weights.env"
+K8S_ANNOUNCE_SECRET = secrets.token_hex(24)
 
 # Debian package that provides each binary.
 _DEBIAN = {
@@ -132,11 +136,12 @@ def empty_env_file() -> Path:
 
 
 def k8s_copy(dest: Path, *, secret: bool = True) -> Path:
-    """deploy/k8s copied to ``dest``, with a throwaway Redis password as the secretGenerator's
-    input (``secret``); kustomize renders the copy as it would the original."""
-    shutil.copytree(K8S, dest, ignore=shutil.ignore_patterns("redis.env"))
+    """deploy/k8s copied to ``dest``, with a throwaway Redis password and announce key as the
+    secretGenerators' inputs (``secret``); kustomize renders the copy as it would the original."""
+    shutil.copytree(K8S, dest, ignore=shutil.ignore_patterns("redis.env", "weights.env"))
     if secret:
         (dest / K8S_SECRET_FILE).write_text(f"password={K8S_REDIS_PASSWORD}\n")
+        (dest / K8S_WEIGHTS_SECRET_FILE).write_text(f"announce_secret={K8S_ANNOUNCE_SECRET}\n")
     return dest
 
 

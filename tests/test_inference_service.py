@@ -105,6 +105,8 @@ def service(
         *bus_settings(cfg),
         f"reward.address={reward_server.address}",
         f"weights.store={store}",
+        # The reload test also serves versions from a WeightServer on a free port of this host.
+        'weights.allowed_sources=["http://127.0.0.1:*"]',
         f"inference.admin_token={TOKEN}",
         "inference.prompts_per_batch=4",
         f"inference.live_timeout_s={LIVE_TIMEOUT_S}",

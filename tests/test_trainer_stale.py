@@ -68,8 +68,12 @@ def test_stale_groups_dropped(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert batch.staleness == {groups[i].group_id: i for i in range(3)}
     assert run.state.counters["stale_dropped"] == 2
     assert run.metrics.stale_groups.labels(action="dropped")._value.get() == 2
-    # Dropped groups wait for the next checkpoint to be acknowledged, like applied ones.
-    assert run.acks is not None and len(run.acks) == 2
+    # Dropped groups are acknowledged with the step that saw them, at its checkpoint, like
+    # applied ones; a batch abandoned on shutdown leaves them to be redelivered.
+    assert run.acks is not None and len(run.acks) == 0
+    assert [d.message.group_id for d in batch.skipped] == batch.dropped_ids
+    run._applied(batch)
+    assert len(run.acks) == 5
     assert not batch.corrected and run.state.counters["stale_corrected"] == 0
 
 

@@ -467,6 +467,7 @@ class Stack:
             # No secret has a default: this run makes its own, used by no other stack.
             "REDIS_PASSWORD": secrets.token_hex(24),
             "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(24),
+            "WEIGHTS_ANNOUNCE_SECRET": secrets.token_hex(24),
         }
 
     def compose(

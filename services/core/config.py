@@ -70,12 +70,13 @@ class TaskConfig(_Section):
 
 class RolloutConfig(_Section):
     group_size: int = Field(8, ge=1, le=1024, description="G: rollouts generated per prompt.")
-    temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature.")
+    # vLLM refuses temperatures above 2.
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(0.99, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(32, ge=1, le=65536, description="Max generated tokens per rollout.")
     # The paper evaluates at temperature 0.5, top-p 0.95; it does not say how many samples.
     eval_temperature: float = Field(
-        0.5, ge=0.0, le=10.0, description="Temperature of the sampled evaluation."
+        0.5, ge=0.0, le=2.0, description="Temperature of the sampled evaluation."
     )
     eval_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Top-p of the sampled evaluation.")
     eval_samples: int = Field(
@@ -202,6 +203,15 @@ class RewardConfig(_Section):
     timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="Deadline per verification.")
     max_completion_bytes: int = Field(65536, ge=1, le=16 << 20, description="Reject larger.")
     max_group: int = Field(1024, ge=1, le=65536, description="Max completions per ScoreBatch.")
+    max_message_bytes: int = Field(
+        16 << 20, ge=1024, le=(1 << 31) - 1, description="Largest request accepted (bytes)."
+    )
+    max_concurrent_rpcs: int = Field(
+        256, ge=1, le=1 << 20, description="RPCs served at once (health checks too); more refused."
+    )
+    max_queued: int = Field(
+        4096, ge=1, le=1 << 24, description="Completions waiting for a worker; more refused."
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 off.")
     worker_memory_mib: int = Field(
         1024, ge=0, le=1 << 20, description="Address-space cap per verifier worker (MiB); 0 off."
@@ -223,10 +233,82 @@ class InferenceConfig(_Section):
     cpu_threads: int = Field(
         1, ge=0, le=1024, description="OpenMP threads of a CPU engine; 0: one per core."
     )
+    engine_dead_grace_s: float = Field(
+        15.0,
+        ge=0.0,
+        le=600.0,
+        description="After the engine died: seconds of 503 on /live and /ready, then exit 1.",
+    )
+    # The OpenAI routes (/v1/*): who may call them and how much one request may ask for.
+    api_token: str = Field(
+        "", description="Bearer token the /v1 routes require; empty: open (probes always are)."
+    )
+    max_prompts_per_request: int = Field(
+        256, ge=1, le=4096, description="Prompts one /v1/completions request may carry."
+    )
+    max_n: int = Field(16, ge=1, le=1024, description="Completions per prompt (n) in a request.")
+    max_logprobs: int = Field(
+        20, ge=0, le=20, description="Largest logprobs / top_logprobs a request may ask for."
+    )
+    max_request_tokens: int = Field(
+        1 << 16,
+        ge=1,
+        le=1 << 24,
+        description="Tokens one request may ask for: prompts x n x max_tokens.",
+    )
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, le=1 << 30, description="Largest request body; larger answers 413."
+    )
+    max_concurrent_requests: int = Field(
+        32, ge=1, le=4096, description="Generation requests served at once; more answer 429."
+    )
 
 
 class WeightsConfig(_Section):
+    """Where versions are, and what a replica accepts (docs/inference.md, Weight versions)."""
+
     store: str = Field("runs/default/weights", description="Weight store directory or http URL.")
+    announce_secret: str = Field(
+        "",
+        description="HMAC-SHA256 key of weight announcements (trainer and replicas); empty: "
+        "unsigned announcements are accepted (a warning at start-up).",
+    )
+    allowed_sources: list[str] = Field(
+        default_factory=list,
+        description="Where replicas may load announced versions from, besides weights.store and "
+        "trainer.weights_url: directories, or URL prefixes (http://host:port[/path], port * any).",
+    )
+    max_version_bytes: int = Field(
+        1 << 38, ge=1 << 20, le=1 << 44, description="Largest weights file a replica downloads."
+    )
+    fetch_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="Replica download: connect/read timeout (seconds)."
+    )
+    server_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="Weight server: idle or slow clients cut off after."
+    )
+    server_max_connections: int = Field(
+        16, ge=1, le=1024, description="Weight server: connections served at once; more get 503."
+    )
+
+    @model_validator(mode="after")
+    def _sources_are_usable(self) -> WeightsConfig:
+        # The shape only; services/weights/trust.py matches locations against them.
+        for entry in self.allowed_sources:
+            if not entry.strip() or entry != entry.strip():
+                raise ValueError(f"weights.allowed_sources: {entry!r} is empty or padded")
+            if "://" not in entry:
+                continue  # a directory
+            scheme, _, rest = entry.partition("://")
+            authority = rest.split("/", 1)[0]
+            if scheme.lower() not in ("http", "https") or not authority or "@" in authority:
+                raise ValueError(
+                    f"weights.allowed_sources: {entry!r} must be a directory or an "
+                    "http(s)://host[:port][/path] prefix without user info"
+                )
+            if "?" in rest or "#" in rest:
+                raise ValueError(f"weights.allowed_sources: {entry!r} has a query or fragment")
+        return self
 
 
 class RunConfig(_Section):

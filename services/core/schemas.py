@@ -22,6 +22,9 @@ from services.core.images import MAX_IMAGES_PER_MESSAGE, is_ref
 
 SCHEMA_VERSION: Final = 1
 MAX_PAYLOAD_BYTES: Final = 64 << 20
+#: Largest weights file a weight announcement may name (16 TiB); replicas cap lower
+#: (``weights.max_version_bytes``).
+MAX_WEIGHTS_BYTES: Final = 1 << 44
 
 KIND_PROMPT: Final = "prompt"
 KIND_SCORED_GROUP: Final = "scored_group"
@@ -183,13 +186,20 @@ class ScoredGroup:
 
 @dataclass(frozen=True)
 class WeightAnnouncement:
-    """A new policy version is in the weight store at ``location`` (directory or URL)."""
+    """A new policy version is in the weight store at ``location`` (directory or URL).
+
+    ``file_bytes`` is the size of the version's weights file (0: not said), so a replica caps
+    its download before it starts; ``signature`` the trainer's HMAC-SHA256 over every other
+    field (64 hex digits; empty: unsigned), see :mod:`services.weights.trust`.
+    """
 
     version: int
     location: str
     manifest_sha256: str
     step: int = 0
     created_at: float = 0.0
+    file_bytes: int = 0
+    signature: str = ""
 
     kind: str = field(default=KIND_WEIGHTS, init=False, repr=False)
 
@@ -281,6 +291,11 @@ def encode(msg: Message) -> bytes:
             "step": msg.step,
             "created_at": float(msg.created_at),
         }
+        # Only when set, so an unsigned announcement reads as it always did.
+        if msg.file_bytes:
+            body["file_bytes"] = msg.file_bytes
+        if msg.signature:
+            body["signature"] = msg.signature
     else:
         raise SchemaError(f"cannot encode {type(msg).__name__}")
     body["kind"] = msg.kind
@@ -298,6 +313,7 @@ def encode(msg: Message) -> bytes:
 # is checked afterwards, without per-token Python loops.
 
 _REF_CHARS: Final = len("sha256:") + 64
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
 _HEADER_VALUE_BYTES: Final = 64  # a kind or version larger than this is neither
 _MAX_REASON_CHARS: Final = 600
 
@@ -433,6 +449,8 @@ def _decoders(limits: WireLimits) -> _Decoders:
             ("manifest_sha256", f.text("manifest_sha256", 64, least=64)),
             ("step", f.integer("step", 0, L.max_version)),
             ("created_at", shared["created_at"]),
+            ("file_bytes", f.integer("file_bytes", 0, MAX_WEIGHTS_BYTES), 0),
+            ("signature", f.text("signature", 64), ""),
         ],
         forbid_unknown_fields=True,
     )
@@ -600,12 +618,16 @@ def _decode_weights(data: bytes, d: _Decoders) -> WeightAnnouncement:
     a = _typed(d.weights, data, w, d.said)
     if any(c not in "0123456789abcdef" for c in a.manifest_sha256):
         raise SchemaError(f"{w}: manifest_sha256 must be 64 lowercase hex digits")
+    if a.signature and not _HEX64.fullmatch(a.signature):
+        raise SchemaError(f"{w}: signature must be 64 lowercase hex digits (or absent)")
     return WeightAnnouncement(
         version=a.version,
         location=a.location,
         manifest_sha256=a.manifest_sha256,
         step=a.step,
         created_at=a.created_at,
+        file_bytes=a.file_bytes,
+        signature=a.signature,
     )
 
 

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 PREFIX = "mapo_inference_"
 RATE_WINDOW_S = 10.0
 # Why a version was not loaded (see services/inference/reload.py).
-RELOAD_FAILURE_REASONS = ("missing", "unavailable", "corrupt", "mismatch", "incompatible", "engine")
+RELOAD_FAILURE_REASONS = (
+    "missing", "unavailable", "corrupt", "mismatch", "incompatible", "engine",
+    "unsigned", "forged", "source", "too_large",
+)  # fmt: skip
 RELOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Where a scored group's time goes in the rollout worker (services/inference/rollout_worker.py).
 ROLLOUT_PHASES = ("weights_wait", "generate", "decode", "score", "publish")

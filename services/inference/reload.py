@@ -1,11 +1,15 @@
 """Which policy version the engine serves, and how a new one gets in (or is refused).
 
-A version is loaded in four steps: locate it (a store directory, one version's directory, or a
-trainer's HTTP weight server), verify it (manifest sha256 as announced, file sha256, safetensors
+An announced version is first admitted (:mod:`services.weights.trust`): its signature when the
+replica holds ``weights.announce_secret`` (refused ``unsigned`` or ``forged``), and its location,
+which must lie in an allowed source (refused ``source``, before any request is made). Versions
+found in the replica's own ``weights.store`` need no signature. Then it is loaded in four steps:
+locate it (a store directory, one version's directory, or a trainer's HTTP weight server, with a
+bounded download), verify it (manifest sha256 as announced, file size and sha256, safetensors
 header = manifest), check that its tensor names and shapes are exactly those of the served
-model's checkpoint (these three in :mod:`services.weights.fetch`), then reload it in place. Anything that fails before the last step leaves
-the engine untouched and the old version serving; the reason is counted in
-``mapo_inference_reload_failures_total``.
+model's checkpoint (these three in :mod:`services.weights.fetch`), then reload it in place.
+Anything that fails before the last step leaves the engine untouched and the old version
+serving; the reason is counted in ``mapo_inference_reload_failures_total``.
 
 Versions never mix inside one generation: every generation holds the :class:`VersionGate`
 shared, and a reload holds it exclusively. A reload therefore waits for in-flight requests to
@@ -25,11 +29,12 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from services.core.schemas import WeightAnnouncement
 from services.weights.base_model import TensorSpec, safetensors_files, tensor_spec
 from services.weights.fetch import check_version, is_url, locate_version, remote_latest_version
 from services.weights.store import (
@@ -39,10 +44,12 @@ from services.weights.store import (
     VersionMissing,
     WeightsCorrupt,
     WeightsIncompatible,
+    WeightsTooLarge,
     WeightStoreError,
     latest_version,
     list_versions,
 )
+from services.weights.trust import Refused, WeightTrust
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,15 @@ class Candidate:
     location: str
     manifest_sha256: str | None = None
     step: int = 0
+    #: The weights file's size as announced (0: not said).
+    file_bytes: int = 0
+    #: The announcement it came from (its signature is checked); None: the replica's own store.
+    announcement: WeightAnnouncement | None = None
+
+    @classmethod
+    def announced(cls, msg: WeightAnnouncement) -> Candidate:
+        """The candidate an announcement names."""
+        return cls(msg.version, msg.location, msg.manifest_sha256, msg.step, msg.file_bytes, msg)
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,7 @@ class VersionGate:
 
 # Why a version was refused (the metric label), by the type of the failure.
 _REASONS: tuple[tuple[type[WeightStoreError], str], ...] = (
+    (WeightsTooLarge, "too_large"),
     (WeightsCorrupt, "corrupt"),
     (VersionMissing, "missing"),
     (VersionMismatch, "mismatch"),
@@ -155,6 +172,7 @@ class WeightManager:
         model_dir: Path,
         *,
         store: str = "",
+        trust: WeightTrust | None = None,
         cache_dir: Path | None = None,
         on_change: Callable[[int], None] | None = None,
         on_reload: Callable[[float], None] | None = None,
@@ -163,6 +181,9 @@ class WeightManager:
         self.reloader = reloader
         self.model_dir = model_dir
         self.store = store
+        # Without rules of its own (tests, benchmarks): the store only, unsigned accepted.
+        self.trust = trust if trust is not None else WeightTrust.build([store])
+        self.trust.warn_if_weak()
         self.cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="mapo-weights-"))
         self.expected = tensor_spec(model_dir)
         self.gate = VersionGate()
@@ -187,13 +208,40 @@ class WeightManager:
         if not self.store:
             return []
         if is_url(self.store):
-            latest = remote_latest_version(self.store)
+            latest = remote_latest_version(self.store, min(10.0, self.trust.fetch_timeout_s))
             return [] if latest is None else [Candidate(latest, self.store)]
         if not Path(self.store).is_dir():
             return []
         newest = latest_version(self.store)
         versions = sorted(set(list_versions(self.store)) | ({newest} if newest else set()))
         return [Candidate(v, self.store) for v in reversed(versions)]
+
+    # ------------------------------------------------------------------ admitting
+
+    def admit(self, cand: Candidate) -> None:
+        """Refuse a candidate whose announcement is not signed as required, or whose location
+        is outside the allowed sources (nothing is fetched before this passes)."""
+        try:
+            if cand.announcement is not None:
+                self.trust.check_announcement(cand.announcement)
+            self.trust.check_location(cand.location)
+        except Refused as exc:
+            raise ReloadRefused(exc.reason, str(exc)) from None
+
+    def newest_acceptable(self, msgs: Iterable[WeightAnnouncement]) -> WeightAnnouncement | None:
+        """The newest of ``msgs`` that :meth:`admit` accepts; each refused one is counted and
+        logged here, so a forged announcement of a high version cannot hide a genuine one
+        that arrived with it."""
+        newest: WeightAnnouncement | None = None
+        for msg in msgs:
+            try:
+                self.admit(Candidate.announced(msg))
+            except ReloadRefused as exc:
+                self._refuse(exc)
+                continue
+            if newest is None or msg.version > newest.version:
+                newest = msg
+        return newest
 
     # ------------------------------------------------------------------ loading
 
@@ -212,6 +260,11 @@ class WeightManager:
         """Verify and load ``cand``; raise :class:`ReloadRefused` and keep the old weights if any
         check fails. Returns the version served afterwards."""
         async with self._lock:
+            try:
+                self.admit(cand)
+            except ReloadRefused as exc:
+                self._refuse(exc)
+                raise
             if not force and cand.version <= self.version:
                 log.info("version %d is not newer than %d: ignored", cand.version, self.version)
                 return self.version
@@ -241,13 +294,27 @@ class WeightManager:
 
     def _locate(self, cand: Candidate) -> Path:
         try:
-            return locate_version(cand.location, cand.version, self.cache_dir, cand.manifest_sha256)
+            return locate_version(
+                cand.location,
+                cand.version,
+                self.cache_dir,
+                cand.manifest_sha256,
+                max_bytes=self.trust.max_version_bytes,
+                expected_bytes=cand.file_bytes,
+                timeout_s=self.trust.fetch_timeout_s,
+            )
         except WeightStoreError as exc:
             raise _refusal(exc, "unavailable") from None
 
     def _verify(self, directory: Path, cand: Candidate) -> Manifest:
         try:
-            return check_version(directory, cand.version, cand.manifest_sha256, self.expected)
+            return check_version(
+                directory,
+                cand.version,
+                cand.manifest_sha256,
+                self.expected,
+                expected_bytes=cand.file_bytes,
+            )
         except WeightStoreError as exc:
             raise _refusal(exc, "corrupt") from None
 

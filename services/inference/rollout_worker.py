@@ -11,7 +11,9 @@ Failures never crash the service: an unreachable reward service is retried with 
 the prompt stays held; a bus or engine failure gives the prompt back for redelivery (the bus
 dead-letters it after ``bus.max_deliveries`` attempts); a prompt that cannot succeed anywhere
 (empty, longer than the model's context, or refused by the reward service as invalid) is
-dead-lettered at once with the reason.
+dead-lettered at once with the reason. A dead engine (``errored``: vLLM cannot restart it
+in-process) ends the worker's loop: it takes no more prompts, the ones in flight finish or are
+given back, and the service exits for a fresh replica (``inference.engine_dead_grace_s``).
 """
 
 from __future__ import annotations
@@ -271,7 +273,13 @@ class RolloutWorker:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 engine = self.service.engine
-                if engine is None or engine.errored:
+                if engine is not None and engine.errored:
+                    # Nothing here can bring it back: stop taking prompts (they stay on the bus
+                    # for the other replicas) and leave the restart to the service's supervisor.
+                    self.state = "engine dead"
+                    log.error("the engine died: the rollout worker takes no more prompts")
+                    break
+                if engine is None:
                     self.state = "engine unavailable"
                     await asyncio.sleep(1.0)
                     continue

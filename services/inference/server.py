@@ -3,21 +3,29 @@
 The socket is bound before the engine starts, and its address printed as
 ``mapo-inference listening on http://HOST:PORT`` so a supervisor that asked for port 0 learns
 the port. SIGTERM and SIGINT shut down gracefully: the rollout worker gives its unfinished
-prompts back to the bus, then the engine stops. vLLM is imported only here, inside
-:func:`cli_serve`, so ``mapo --help`` stays fast.
+prompts back to the bus, then the engine stops, and the process exits with status 0. A fatal
+error (the model cannot be loaded; the engine died and ``inference.engine_dead_grace_s`` passed)
+shuts it down the same way but exits with status 1, so that a supervisor starts a fresh
+replica; should that shutdown hang, the process exits anyway after ``FATAL_EXIT_DEADLINE_S``.
+vLLM is imported only here, inside :func:`cli_serve`, so ``mapo --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
 
 from services.core.config import RunConfig
 
 log = logging.getLogger(__name__)
+
+#: After a fatal error, the graceful shutdown gets this long before the process exits anyway.
+FATAL_EXIT_DEADLINE_S = 60.0
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -43,8 +51,22 @@ def apply_args(args: argparse.Namespace, config: RunConfig) -> RunConfig:
     return config
 
 
+def _exit_later(seconds: float, code: int) -> None:
+    """Exit with ``code`` in ``seconds`` unless the process has ended by then."""
+
+    def go() -> None:
+        print(f"mapo-inference: shutdown took over {seconds:.0f} s; exiting", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, go)
+    timer.daemon = True
+    timer.start()
+
+
 def cli_serve(args: argparse.Namespace, config: RunConfig) -> int:
-    """Serve until SIGTERM/SIGINT; exit 1 if the model cannot be loaded."""
+    """Serve until SIGTERM/SIGINT (exit 0); exit 1 if the model cannot be loaded or the engine
+    died."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -61,7 +83,10 @@ def cli_serve(args: argparse.Namespace, config: RunConfig) -> int:
     server: uvicorn.Server | None = None
 
     def on_fatal(reason: str) -> None:
+        if failure:
+            return
         failure.append(reason)
+        _exit_later(FATAL_EXIT_DEADLINE_S, 1)
         if server is not None:
             server.should_exit = True
 
@@ -81,6 +106,6 @@ def cli_serve(args: argparse.Namespace, config: RunConfig) -> int:
     finally:
         sock.close()
     if failure:
-        print(f"mapo-inference: could not start: {failure[0]}", file=sys.stderr)
+        print(f"mapo-inference: exiting with status 1: {failure[0]}", file=sys.stderr)
         return 1
     return 0

@@ -55,8 +55,12 @@ class RewardUnavailable(RewardError):
 
 
 class RewardRequestError(RewardError, ValueError):
-    """The service refused the request (INVALID_ARGUMENT): retrying the same one will not help."""
+    """The service refused the request (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED for a message
+    over its size limit): retrying the same one will not help."""
 
+
+# grpc's words for a message past grpc.max_receive_message_length (or the sender's own limit).
+_TOO_LARGE = "larger than max"
 
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -112,6 +116,13 @@ class RewardClient:
         where = f"reward service at {self.address}"
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return RewardRequestError(f"{where} refused the request: {exc.details()}", code)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in (exc.details() or ""):
+            # Not "busy": the same request will be refused again, however long one waits.
+            return RewardRequestError(
+                f"{where} refused the request as too large ({exc.details()}); send fewer or "
+                "shorter completions, or raise the server's reward.max_message_bytes",
+                code,
+            )
         if code in _RETRYABLE:
             hint = (
                 "; make sure it is running (mapo reward serve) and reachable"

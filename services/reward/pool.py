@@ -15,6 +15,12 @@ Scheduling is round-robin across requests, not first-come-first-served across co
 group of 1,000 completions does not make a group of 8 that arrives after it wait for all 1,000.
 A request may also carry an overall deadline (from its gRPC deadline): completions still queued
 then are answered "timed out" without running, so a reply always arrives in time.
+
+The queue is bounded: a request whose completions would take it past ``max_queued`` is refused
+at once with :class:`PoolBusy` (the servicer answers RESOURCE_EXHAUSTED) instead of waiting,
+unless the queue is empty, so one request of up to ``reward.max_group`` completions is always
+taken. A call that gives up (cancelled, or past its deadline) takes its queued completions out
+with it, so the queue never holds work nobody waits for.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ PRELOAD = ["services.reward.warm"]
 
 class PoolClosed(RuntimeError):
     """The pool is shutting down and takes no more work."""
+
+
+class PoolBusy(RuntimeError):
+    """The queue is full: the request was refused without queueing any of it; retry later."""
 
 
 class PoolStartError(RuntimeError):
@@ -87,15 +97,20 @@ class _Worker:
 
 @dataclass
 class _RoundRobin:
-    """Queued jobs, one lane per request, served one job per lane in turn."""
+    """Queued jobs, one lane per request, served one job per lane in turn; ``size`` counts
+    every job still in a lane."""
 
     lanes: collections.deque[collections.deque[_Job]] = field(default_factory=collections.deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    size: int = 0
 
-    def add(self, jobs: Sequence[_Job]) -> None:
-        if jobs:
-            self.lanes.append(collections.deque(jobs))
+    def add(self, jobs: Sequence[_Job]) -> collections.deque[_Job]:
+        lane = collections.deque(jobs)
+        if lane:
+            self.lanes.append(lane)
+            self.size += len(lane)
             self.wakeup.set()
+        return lane
 
     def pop(self) -> _Job | None:
         """The next live job, or None when every lane is empty (cancelled jobs are dropped)."""
@@ -103,21 +118,33 @@ class _RoundRobin:
             lane = self.lanes.popleft()
             while lane:
                 job = lane.popleft()
+                self.size -= 1
                 if not job.future.done():
                     if lane:
                         self.lanes.append(lane)
                     return job
         return None
 
+    def discard(self, lane: collections.deque[_Job]) -> None:
+        """Take a lane out with whatever it still holds (its caller stopped waiting)."""
+        if lane:
+            with contextlib.suppress(ValueError):  # already taken out by pop() or drain()
+                self.lanes.remove(lane)
+                self.size -= len(lane)
+            lane.clear()
+
     def drain(self) -> list[_Job]:
         jobs = [job for lane in self.lanes for job in lane]
         self.lanes.clear()
+        self.size = 0
         return jobs
 
 
 class VerifierPool:
     """``workers`` supervised verifier processes serving the tasks in ``tasks``.
 
+    At most ``max_queued`` completions wait for a worker (more are refused with
+    :class:`PoolBusy`; one request is always taken while the queue is empty).
     Use inside one running event loop: ``await pool.start()``, then ``await
     pool.verify(...)`` from any number of coroutines, then ``await pool.close()``.
     """
@@ -132,9 +159,13 @@ class VerifierPool:
         start_timeout_s: float = START_TIMEOUT_S,
         preload: Sequence[str] = (),
         on_restart: Callable[[], None] | None = None,
+        max_queued: int = 4096,
     ) -> None:
         if workers < 1:
             raise ValueError("a verifier pool needs at least one worker")
+        if max_queued < 1:
+            raise ValueError("a verifier pool needs room for at least one queued completion")
+        self.max_queued = max_queued
         self.tasks = dict(tasks)
         self.workers = workers
         self.memory_mib = memory_mib
@@ -193,6 +224,11 @@ class VerifierPool:
         """PIDs of the live worker processes."""
         return sorted(self._live)
 
+    @property
+    def queued(self) -> int:
+        """Completions waiting for a worker (not those running)."""
+        return 0 if self._queue is None else self._queue.size
+
     # ------------------------------------------------------------------ work
 
     async def verify(
@@ -208,12 +244,20 @@ class VerifierPool:
         """Verify each completion under ``timeout_s`` seconds; results in input order.
 
         ``deadline`` (event-loop time) bounds the whole call: a verification never runs past
-        it, and completions not started by then come back "timed out".
+        it, and completions not started by then come back "timed out". PoolBusy, with nothing
+        queued, when the completions do not fit in the queue.
         """
         if self._queue is None or self._closing:
             raise PoolClosed("the verifier pool is not running")
         if task not in self.tasks:
             raise KeyError(f"unknown task '{task}'")
+        queued = self._queue.size
+        if queued and queued + len(completions) > self.max_queued:
+            raise PoolBusy(
+                f"{queued} completions are already waiting for a verifier and "
+                f"{len(completions)} more would pass reward.max_queued={self.max_queued}; "
+                "retry later, or add workers (reward.workers) or replicas"
+            )
         loop = asyncio.get_running_loop()
         answers_t, labels_t = tuple(answers), tuple(labels)
         jobs = [
@@ -229,7 +273,7 @@ class VerifierPool:
             )
             for c in completions
         ]
-        self._queue.add(jobs)
+        lane = self._queue.add(jobs)
         try:
             if deadline is None:
                 return list(await asyncio.gather(*(j.future for j in jobs)))
@@ -238,7 +282,9 @@ class VerifierPool:
             late = Outcome(Status.TIMED_OUT, 0.0, {}, "no result before the request's deadline")
             return [j.future.result() if j.future.done() else late for j in jobs]
         finally:
-            for j in jobs:  # cancelled call: queued jobs are skipped, running ones finish
+            # A call that stopped waiting: its queued jobs leave the queue, running ones finish.
+            self._queue.discard(lane)
+            for j in jobs:
                 if not j.future.done():
                     j.future.cancel()
 

@@ -6,6 +6,17 @@ embedders control the lifecycle; :func:`serve` runs it until SIGTERM or SIGINT a
 down gracefully: health turns NOT_SERVING, calls in flight get a grace period, then the
 verifier workers stop. The address is printed as ``mapo-reward listening on HOST:PORT`` once
 the service is ready, so a supervisor that asked for port 0 learns the port.
+
+Limits, each refused with a status that says what to do:
+
+- a request larger than ``reward.max_message_bytes``: RESOURCE_EXHAUSTED, from grpc itself,
+  before anything is parsed;
+- more than ``reward.max_concurrent_rpcs`` calls at once (health checks count too):
+  RESOURCE_EXHAUSTED, from grpc itself;
+- more completions than ``reward.max_group``, or one longer than ``reward.max_completion_bytes``:
+  INVALID_ARGUMENT naming the item and the limit (:mod:`services.reward.validation`);
+- more than ``reward.max_queued`` completions waiting for a verifier: RESOURCE_EXHAUSTED
+  (:class:`~services.reward.pool.PoolBusy`), nothing queued.
 """
 
 from __future__ import annotations
@@ -26,8 +37,8 @@ from services.core.config import RewardConfig, RunConfig
 from services.reward import metrics
 from services.reward.pool import PoolStartError, VerifierPool
 from services.reward.registry import Task, import_task_modules, registered_tasks
-from services.reward.rpc import reward_pb2, reward_pb2_grpc
-from services.reward.servicer import RewardServicer
+from services.reward.rpc import reward_pb2
+from services.reward.servicer import RewardServicer, add_to_server
 from services.reward.verifiers import Status
 
 log = logging.getLogger(__name__)
@@ -46,12 +57,6 @@ def split_address(address: str) -> tuple[str, int]:
 
 def join_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _message_limit(config: RewardConfig) -> int:
-    """Largest request a valid call can need: a full group of maximal completions."""
-    per_item = config.max_completion_bytes + 64  # field tag and length
-    return int(min(config.max_group * per_item + (1 << 20), 2**31 - 1))
 
 
 class RewardServer:
@@ -97,13 +102,13 @@ def create_server(
     it is now (built-ins plus whatever was registered before this call).
     """
     tasks = registered_tasks() if tasks is None else dict(tasks)
-    limit = _message_limit(config)
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
             # Fail loudly when the port is taken instead of sharing it with another server.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     pool = VerifierPool(
         tasks,
@@ -111,8 +116,9 @@ def create_server(
         memory_mib=config.worker_memory_mib,
         preload=config.task_modules,
         on_restart=metrics.observe_restart,
+        max_queued=config.max_queued,
     )
-    reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(pool, tasks, config), server)
+    add_to_server(RewardServicer(pool, tasks, config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

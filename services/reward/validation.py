@@ -30,6 +30,14 @@ class ScoreJob:
     timeout_s: float
 
 
+def _shown(name: str, limit: int = 80) -> str:
+    """A caller's name as it goes back in a message: quoted, escaped, and cut at ``limit``
+    characters (status details travel in a header, which has a size limit of its own)."""
+    if len(name) <= limit:
+        return repr(name)
+    return f"{name[:limit]!r}... ({len(name)} characters)"
+
+
 def _decode(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -77,7 +85,7 @@ def check_request(
         raise InvalidRequest(f"task is empty; known tasks: {known}")
     task = tasks.get(task_name)
     if task is None:
-        raise InvalidRequest(f"unknown task '{task_name}'; known tasks: {known}")
+        raise InvalidRequest(f"unknown task {_shown(task_name)}; known tasks: {known}")
     if not completions:
         raise InvalidRequest("completions is empty: send the group's completions (at least one)")
     limit, max_bytes = config.max_group, config.max_completion_bytes

@@ -251,13 +251,18 @@ def image_data_url(data: bytes) -> str:
     return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
-def _post_json(url: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+def _get_json(
+    url: str, timeout_s: float, token: str = "", body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """GET ``url`` (POST ``body`` as JSON), with the service's bearer token when it has one."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=timeout_s) as reply:
-        data: dict[str, Any] = json.loads(reply.read())
-    return data
+        got: dict[str, Any] = json.loads(reply.read())
+    return got
 
 
 def service_accuracy(
@@ -265,16 +270,16 @@ def service_accuracy(
     examples: Sequence[Example],
     timeout_s: float = 120.0,
     sampling: Sampling | None = None,
+    token: str = "",
 ) -> tuple[float, str]:
     """Accuracy through a running service's completions API, greedy or (with ``sampling``)
     the mean over its samples; (accuracy, model name). Problems with pictures go through the
     chat API (rendered by the service's chat template, pictures as data URLs), one request
-    each."""
+    each. ``token``: the service's ``inference.api_token``, when it has one."""
     from services.trainer.evaluation import is_correct
 
     base = base_url.rstrip("/")
-    with urllib.request.urlopen(base + "/v1/models", timeout=timeout_s) as reply:
-        models = json.loads(reply.read())
+    models = _get_json(base + "/v1/models", timeout_s, token)
     name = str(models["data"][0]["id"])
     decode: dict[str, Any] = {"temperature": 0.0, "n": 1}
     if sampling is not None:
@@ -297,7 +302,7 @@ def service_accuracy(
             "max_tokens": MAX_NEW_TOKENS,
             **decode,
         }
-        choices = _post_json(base + "/v1/chat/completions", body, timeout_s)["choices"]
+        choices = _get_json(base + "/v1/chat/completions", timeout_s, token, body)["choices"]
         hits += sum(is_correct(c["message"]["content"], e.answer) for c in choices)
     text_only = [e for e in examples if not e.images]
     for lo in range(0, len(text_only), HTTP_BATCH):
@@ -308,7 +313,7 @@ def service_accuracy(
             "max_tokens": MAX_NEW_TOKENS,
             **decode,
         }
-        choices = _post_json(base + "/v1/completions", body, timeout_s)["choices"]
+        choices = _get_json(base + "/v1/completions", timeout_s, token, body)["choices"]
         texts = [c["text"] for c in sorted(choices, key=lambda c: int(c["index"]))]
         answers = [e.answer for e in chunk for _ in range(int(decode["n"]))]
         hits += sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))
@@ -316,16 +321,16 @@ def service_accuracy(
     return (hits / total if total else 0.0), name
 
 
-def service_scores(base_url: str, sets: EvalSets) -> tuple[Scores, str]:
+def service_scores(base_url: str, sets: EvalSets, token: str = "") -> tuple[Scores, str]:
     """:class:`Scores` of a running service; (scores, model name)."""
-    acc, name = service_accuracy(base_url, sets.test)
+    acc, name = service_accuracy(base_url, sets.test, token=token)
 
     def sampled(examples: Sequence[Example]) -> float | None:
         if sets.sampling is None or not examples:
             return None
-        return service_accuracy(base_url, examples, sampling=sets.sampling)[0]
+        return service_accuracy(base_url, examples, sampling=sets.sampling, token=token)[0]
 
-    ood = service_accuracy(base_url, sets.ood)[0] if sets.ood else None
+    ood = service_accuracy(base_url, sets.ood, token=token)[0] if sets.ood else None
     return Scores(acc, sampled(sets.test), ood, sampled(sets.ood)), name
 
 
@@ -369,7 +374,7 @@ def cli_eval(args: argparse.Namespace, config: RunConfig) -> int:
             )
             return 2
         try:
-            scores, what = service_scores(target_text, sets)
+            scores, what = service_scores(target_text, sets, config.inference.api_token)
         except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
             print(
                 f"mapo eval: {target_text} did not answer the completions API ({exc}).\n"

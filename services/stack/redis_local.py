@@ -42,10 +42,30 @@ class RedisEndpoint:
     url: str
     source: str
     child: Child | None = None
+    binary: RedisServerBinary | None = None
+    port: int = 0
+    data_dir: Path | None = None
+    appendfsync: str | None = "everysec"
 
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
+
+    def start_again(self, *, die_with_parent: bool = False) -> Child:
+        """A private server started again on its port and directory: it replays its
+        append-only file, so the streams, groups and pending entries come back."""
+        if self.binary is None or self.data_dir is None:
+            raise StartError(f"the Redis at {self.source} was not started by this run")
+        if self.child is not None:
+            self.child.stop(grace_s=5.0)
+        self.child = start_redis_server(
+            self.binary,
+            self.port,
+            self.data_dir,
+            appendfsync=self.appendfsync,
+            die_with_parent=die_with_parent,
+        )
+        return self.child
 
 
 def find_redis_server(where: str | None = None) -> RedisServerBinary | None:
@@ -126,10 +146,15 @@ def start_redis_server(
 
 
 def ensure_redis(
-    data_dir: Path, environ: dict[str, str] | None = None, *, die_with_parent: bool = False
+    data_dir: Path,
+    environ: dict[str, str] | None = None,
+    *,
+    die_with_parent: bool = False,
+    appendfsync: str | None = "everysec",
 ) -> RedisEndpoint:
     """The user's Redis (REDIS_URL) or a private one; StartError names the fix when neither.
-    ``die_with_parent``: see :meth:`Child.start` (for a single-threaded orchestrator)."""
+    ``die_with_parent``: see :meth:`Child.start` (for a single-threaded orchestrator);
+    ``appendfsync``: the private server's persistence (see :func:`start_redis_server`)."""
     env = dict(os.environ) if environ is None else environ
     url = env.get("REDIS_URL", "").strip()
     if url:
@@ -138,8 +163,11 @@ def ensure_redis(
     if binary is None:
         raise StartError("no Redis: REDIS_URL is not set and no redis-server was found", fix=FIX)
     port = free_port()
-    child = start_redis_server(binary, port, data_dir, die_with_parent=die_with_parent)
-    return RedisEndpoint(f"redis://127.0.0.1:{port}/0", binary.source, child)
+    child = start_redis_server(
+        binary, port, data_dir, appendfsync=appendfsync, die_with_parent=die_with_parent
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    return RedisEndpoint(url, binary.source, child, binary, port, data_dir, appendfsync)
 
 
 def check_url(url: str, timeout_s: float = 3.0) -> None:

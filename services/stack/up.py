@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,7 @@ from services.core.secrets import (
     redact_url,
     redacted_fields,
 )
+from services.stack.accounting import Ledger, bus_outcomes, issued_ids, reconcile
 from services.stack.processes import (
     Child,
     StartError,
@@ -62,6 +63,8 @@ from services.stack.progress import (
     summary_table,
     write_summary,
 )
+from services.stack.redis_local import RedisEndpoint, ping
+from services.stack.supervisor import PROCESSES_FILE, Supervised, Supervisor
 
 if TYPE_CHECKING:
     from services.stack.evaluate import EvalSets, Scores
@@ -80,6 +83,8 @@ PIECES = {
 
 REWARD_READY_S = 90.0
 INFERENCE_READY_S = 300.0
+#: Restarts of each piece (a service, the trainer, the private Redis) before the run gives up.
+MAX_RESTARTS = 3
 
 
 def demo_config_path() -> Path:
@@ -119,6 +124,7 @@ RUN_OUTPUTS = (
     "applied.jsonl",
     "trainer_state.json",
     "summary.json",
+    PROCESSES_FILE,
     CURVE_FILE,
 )
 
@@ -288,9 +294,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 class Stack:
-    """The processes of one run, started in dependency order and stopped in reverse."""
+    """The processes of one run, started in dependency order, kept alive by a
+    :class:`Supervisor` while the trainer runs, and stopped in reverse."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, config_file: Path, nulls: list[str]):
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        config_file: Path,
+        nulls: list[str],
+        *,
+        max_restarts: int = MAX_RESTARTS,
+        notify: Callable[[str], None] = print,
+    ):
         self.config = config
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
@@ -300,52 +316,78 @@ class Stack:
         # config_file is the whole effective config (the MAPO__ variables of this environment
         # are in it already), less the secrets, which travel here: never on a command line.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        self.env = {**inherited, **secret_env(config), "PYTHONUNBUFFERED": "1"}
-        self.reward: Child | None = None
-        self.replicas: list[Child] = []
-        self.trainer: Child | None = None
+        # A fresh key per run signs the weight announcements (a key the config sets wins).
+        announce = {f"{ENV_PREFIX}WEIGHTS__ANNOUNCE_SECRET": json.dumps(os.urandom(32).hex())}
+        self.env = {**inherited, **announce, **secret_env(config), "PYTHONUNBUFFERED": "1"}
+        self.supervisor = Supervisor(run_dir, max_restarts=max_restarts, notify=notify)
         self.inference_urls: list[str] = []
 
     def _mapo(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "services.cli", *args, *self.service_args]
 
+    def _start(self, name: str, args: list[str], log_name: str) -> Child:
+        return Child.start(
+            name, self._mapo(*args), log_path=self.logs / log_name, env=self.env,
+            die_with_parent=True,
+        )  # fmt: skip
+
+    def _starter(self, name: str, args: list[str], log_name: str) -> Callable[[bool], Child]:
+        """How a service is started, the first time and after it died (the same way)."""
+        return lambda again: self._start(name, args, log_name)
+
+    @property
+    def trainer(self) -> Child | None:
+        piece = self.supervisor.pieces.get("trainer")
+        return piece.child if piece else None
+
+    def watch_redis(self, redis: RedisEndpoint) -> None:
+        """Restart the run's private Redis if it dies (it replays its append-only file)."""
+        if redis.child is None:
+            return  # the user's Redis (REDIS_URL): theirs to keep alive
+        port = redis.port
+
+        def start(again: bool) -> Child:
+            if again:
+                return redis.start_again(die_with_parent=True)
+            assert redis.child is not None
+            return redis.child
+
+        self.supervisor.add(Supervised("redis", start, lambda: ping("127.0.0.1", port)))
+
     def start_reward(self) -> None:
         host, port = self.config.reward.address.rsplit(":", 1)
-        self.reward = Child.start(
-            "reward service",
-            self._mapo("reward", "serve", "--host", host, "--port", port),
-            log_path=self.logs / "reward.log",
-            env=self.env,
-            die_with_parent=True,
-        )
         address = self.config.reward.address
+        args = ["reward", "serve", "--host", host, "--port", port]
+        child = self.supervisor.add(
+            Supervised(
+                "reward service",
+                self._starter("reward service", args, "reward.log"),
+                lambda: grpc_serving(address, 2.0),
+            )
+        )
         wait_until(
-            self.reward,
+            child,
             lambda: grpc_serving(address, 1.0),
             what=f"serving on {address}",
             timeout_s=REWARD_READY_S,
-            fix=f"see {self.reward.log_path}; `mapo reward serve --port 0` runs it alone",
+            fix=f"see {child.log_path}; `mapo reward serve --port 0` runs it alone",
         )
 
     def start_inference(self, replicas: int) -> None:
         ports = [free_port() for _ in range(replicas)]
+        children = []
         for i, port in enumerate(ports):
             name = f"replica-{i}"
             args = ["inference", "serve", "--model", self.config.model.path, "--port", str(port)]
             args += ["--host", "127.0.0.1", "--set", f"inference.replica={name}"]
-            child = Child.start(
-                f"inference {name}",
-                self._mapo(*args),
-                log_path=self.logs / f"inference-{i}.log",
-                env=self.env,
-                die_with_parent=True,
-            )
-            self.replicas.append(child)
+            start = self._starter(f"inference {name}", args, f"inference-{i}.log")
+            probe = functools.partial(http_ok, f"http://127.0.0.1:{port}/live", 5.0)
+            children.append(self.supervisor.add(Supervised(f"inference {name}", start, probe)))
         fix = (
             "see the log above; `mapo inference serve --model DIR --port 0` runs one replica "
             "alone. On a small machine try --replicas 1, or lower inference.kv_cache_gib."
         )
-        for child, port in zip(self.replicas, ports, strict=True):
+        for child, port in zip(children, ports, strict=True):
             wait_until(
                 child,
                 functools.partial(port_open, "127.0.0.1", port),
@@ -364,65 +406,86 @@ class Stack:
             self.inference_urls.append(base)
 
     def start_trainer(self) -> Child:
-        self.trainer = Child.start(
-            "trainer",
-            self._mapo("trainer", "run"),
-            log_path=self.logs / "trainer.log",
-            env=self.env,
-            die_with_parent=True,
-        )
-        return self.trainer
+        """The trainer; restarted with ``--resume`` (from its newest checkpoint) if it dies."""
 
-    def services(self) -> list[Child]:
-        return [c for c in [self.reward, *self.replicas] if c is not None]
+        def start(again: bool) -> Child:
+            args = ["trainer", "run", *(["--resume"] if again else [])]
+            return self._start("trainer", args, "trainer.log")
 
-    def check_services(self) -> None:
-        """Fail with the log tail when a service died while the trainer still needs it."""
-        for child in self.services():
-            if not child.alive():
-                raise StartError(
-                    f"{child.name} exited with code {child.returncode()} during training",
-                    fix=f"see {child.log_path}",
-                    log=child.tail(),
-                )
+        return self.supervisor.add(Supervised("trainer", start, done_on_success=True))
 
-    def stop(self) -> None:
-        """Trainer first (it checkpoints), then the replicas, then the reward service."""
-        order = [c for c in [self.trainer, *self.replicas, self.reward] if c is not None]
-        stop_all(order)
+    def training_done(self) -> bool:
+        """Whether the trainer finished (exit 0); restarts what died on the way."""
+        self.supervisor.check()
+        return self.supervisor.pieces["trainer"].finished
+
+    def restarts(self) -> dict[str, int]:
+        return self.supervisor.restarts()
+
+    def stop(self, *, keep_redis: bool = False) -> None:
+        """Trainer first (it checkpoints), then the replicas, then the reward service (and
+        the private Redis unless ``keep_redis``: the run's ledger reads it)."""
+        pieces = list(self.supervisor.pieces.values())
+        order = [p for p in pieces if p.name == "trainer"]
+        order += [p for p in pieces if p.name.startswith("inference")]
+        order += [p for p in pieces if p.name == "reward service"]
+        if not keep_redis:
+            order += [p for p in pieces if p.name == "redis"]
+        for piece in order:
+            piece.finished = True  # stopped on purpose: not to be restarted
+        stop_all([p.child for p in order if p.child is not None])
 
 
 def follow_training(
-    stack: Stack, trainer: Child, bar: ProgressLine, quiet_note_s: float = 120.0
+    stack: Stack, bar: ProgressLine, quiet_note_s: float = 120.0
 ) -> list[dict[str, Any]]:
-    """Show each step as the trainer logs it, until the trainer exits; fail if it fails."""
+    """Show each step as the trainer logs it until it finishes; restart what dies meanwhile.
+
+    A step taken again after the trainer resumed replaces its earlier record.
+    """
     follower = MetricsFollower(stack.run_dir / "metrics.jsonl")
     last_progress = time.monotonic()
     noted = False
-    while trainer.alive():
+    while not stack.training_done():
         new = follower.poll()
         for record in new:
             bar.update(record)
         if new:
             last_progress, noted = time.monotonic(), False
         elif not noted and time.monotonic() - last_progress > quiet_note_s:
+            trainer = stack.trainer
             bar.message(
                 f"no training step for {quiet_note_s:.0f} s; the services are running, "
-                f"see {trainer.log_path} and the inference logs beside it"
+                f"see {trainer.log_path if trainer else stack.logs} and the logs beside it"
             )
             noted = True
-        stack.check_services()
         time.sleep(0.5)
     for record in follower.poll():
         bar.update(record)
     bar.close()
-    if trainer.returncode() != 0:
-        raise StartError(
-            f"the trainer exited with code {trainer.returncode()}",
-            fix=f"see {trainer.log_path}",
-            log=trainer.tail(40),
-        )
-    return follower.records
+    by_step = {int(r.get("step", 0)): r for r in follower.records}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run_ledger(config: RunConfig) -> Ledger:
+    """What became of every prompt group the trainer issued (the bus must still be up)."""
+    import asyncio
+
+    from services.trainer import checkpoint as ckpt
+    from services.trainer.dataset import load_examples
+    from services.trainer.metrics import read_jsonl, surviving_lineage
+
+    run_dir = Path(config.trainer.run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise StartError(f"the trainer left no checkpoint in {run_dir}")
+    state = ckpt.read_state(latest, verify=False)["state"]
+    size = len(load_examples(config.task.dataset, config.task.name, config.task.seed))
+    position = state["position"]
+    issued = issued_ids(str(state["run_id"]), int(position["epoch"]), int(position["index"]), size)
+    lineage = surviving_lineage(read_jsonl(run_dir / "applied.jsonl"))
+    letters, waiting = asyncio.run(bus_outcomes(config))
+    return reconcile(issued, lineage, letters, waiting)
 
 
 def evaluate_policy(model_dir: Path, store: Path | None, sets: EvalSets) -> Scores:
@@ -516,7 +579,9 @@ def run(args: argparse.Namespace) -> int:
                 f"problems ({initial.describe()})"
             )
 
-            redis = ensure_redis(run_dir / "redis", die_with_parent=True)
+            # Every write synced before Redis answers: a Redis killed mid-run and started
+            # again loses no prompt it acknowledged, so the ledger can account for every one.
+            redis = ensure_redis(run_dir / "redis", die_with_parent=True, appendfsync="always")
             if redis.child is None:
                 check_url(redis.url)
             print(f"redis: {redis.source} at {redact_url(redis.url)}", flush=True)
@@ -528,18 +593,24 @@ def run(args: argparse.Namespace) -> int:
             config_file.write_text(text)
 
             t_rl = time.monotonic()
-            stack = Stack(config, run_dir, config_file, nulls)
+            bar = ProgressLine(config.trainer.steps)
+            stack = Stack(config, run_dir, config_file, nulls, notify=bar.message)
+            stack.watch_redis(redis)
             stack.start_reward()
             print(f"reward service: serving on {config.reward.address}", flush=True)
             stack.start_inference(args.replicas)
             print(f"inference: {', '.join(stack.inference_urls)} ready", flush=True)
-            trainer = stack.start_trainer()
+            stack.start_trainer()
             print(f"trainer: started (logs in {stack.logs})", flush=True)
-            bar = ProgressLine(config.trainer.steps)
-            records = follow_training(stack, trainer, bar)
+            records = follow_training(stack, bar)
             rl_seconds = time.monotonic() - t_rl
 
             # Stop the services first: the final evaluation then has the machine to itself.
+            stack.stop(keep_redis=True)
+            ledger = run_ledger(config)
+            print(f"ledger: {ledger.describe()}", flush=True)
+            restarts = stack.restarts()
+            reasons = stack.supervisor.reasons()
             stack.stop()
             stack = None
             redis.stop()
@@ -561,6 +632,9 @@ def run(args: argparse.Namespace) -> int:
                 "model": str(model_dir),
                 "seed": config.task.seed,
                 "config": str(config_file),
+                "ledger": ledger.to_json(),
+                "restarts": restarts,
+                "restart_reasons": reasons,
                 **warm,
             }
             write_summary(run_dir, summary)
@@ -569,6 +643,9 @@ def run(args: argparse.Namespace) -> int:
             )
             print(summary_table(summary))
             print(f"summary: {run_dir / 'summary.json'}; curve: {run_dir / CURVE_FILE}")
+            if not ledger.ok:
+                print(f"mapo up: the ledger does not balance: {ledger.describe()}", file=sys.stderr)
+                return 1
             return 0
     except StartError as exc:
         # The explanation may quote a URL, e.g. an unreachable REDIS_URL.

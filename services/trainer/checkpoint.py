@@ -24,14 +24,25 @@ if the newest is damaged. A single process's checkpoint pickles nothing; in a sh
 shards hold tensors only (the optimiser's hyper-parameters are JSON in ``state.json``), and
 ``shards/.metadata`` is torch's own index of them, a pickle: load checkpoints only from run
 directories you trust, as with any torch checkpoint.
+
+A save that fails (the disk full, a write error) raises :class:`CheckpointError` naming the
+directory and the disk, after removing what it had written: the checkpoints before it are left
+as they were, and :func:`latest_checkpoint` still finds the newest of them. The trainer stops on
+it (its groups since that checkpoint were never acknowledged, so a run resumed from it gets
+them again). A checkpoint directory that is in the way of a save but does not verify (damaged:
+the run was resumed from an older one) is removed first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,7 +66,8 @@ KEEP = 2
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged or does not fit the model; says which."""
+    """A checkpoint that is missing, damaged, does not fit the model, or could not be written;
+    says which."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -152,6 +164,133 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return _checkpoints(run_dir).path(step)
 
 
+# ----------------------------------------------------------------------------- failed saves
+
+# What ran out, by errno, and how libraries that raise no OSError word it (safetensors' Rust
+# writer, torch's stream writer, the errors torch.distributed.checkpoint collects from ranks).
+_OUT_OF_SPACE = (
+    (errno.ENOSPC, "the disk is full", ("no space left", "storagefull", "os error 28")),
+    (errno.EDQUOT, "the disk quota is used up", ("quota exceeded", "quotaexceeded", "error 122")),
+    (errno.EFBIG, "a file size limit was reached", ("too large", "toolarge", "os error 27")),
+)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def out_of_space(exc: BaseException) -> str | None:
+    """What ran out when ``exc`` (or what caused it) is a full disk, a used-up quota or a file
+    size limit; None for any other error."""
+    for e in _causes(exc):
+        text = str(e).lower()
+        for code, what, words in _OUT_OF_SPACE:
+            if (isinstance(e, OSError) and e.errno == code) or any(w in text for w in words):
+                return what
+    return None
+
+
+def _mount_of(path: Path) -> tuple[Path, str, str]:
+    """(mount point, device, file system type) of the disk that holds ``path``."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    mount = path.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    device, fstype = "?", "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[1].replace("\\040", " ") == str(mount):
+                device, fstype = fields[0], fields[2]  # the last mount there is the live one
+    return mount, device, fstype
+
+
+def describe_disk(path: str | Path) -> str:
+    """The disk that holds ``path``, for error messages: where it is mounted, what it is and
+    how much of it is free."""
+    mount, device, fstype = _mount_of(Path(path))
+    text = f"the disk mounted at {mount} ({device}, {fstype})"
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(mount)
+        mib = 1 << 20
+        text += f", {usage.free / mib:.1f} MiB free of {usage.total / mib:.1f} MiB"
+    return text
+
+
+def _save_error(run_dir: Path, step: int, exc: BaseException) -> CheckpointError:
+    root = checkpoint_root(run_dir)
+    older = [s for s in list_checkpoints(run_dir) if s != step]
+    kept = (
+        f"the previous checkpoint, {step_dir(run_dir, older[-1]).name}, is untouched and "
+        "--resume goes on from it"
+        if older
+        else "there is no earlier checkpoint"
+    )
+    reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+    full = out_of_space(exc)
+    if full is not None:
+        what = f"{full} ({reason})"
+        fix = "Free space on that disk, or set trainer.run_dir on a larger one, then restart"
+    else:
+        what = f"{type(exc).__name__}: {reason}"
+        fix = "Fix the cause, then restart"
+    return CheckpointError(
+        f"could not write the checkpoint of step {step} into {root}: {what}. Disk: "
+        f"{describe_disk(root)}. Nothing of step {step} was kept; {kept}. {fix} with --resume"
+    )
+
+
+def _clear_the_way(run_dir: Path, step: int) -> None:
+    """Refuse to overwrite a checkpoint; remove a damaged one that is in the way."""
+    final = step_dir(run_dir, step)
+    if not final.exists():
+        return
+    try:
+        read_state(final)
+    except CheckpointError as exc:
+        log.warning("replacing damaged checkpoint %s (%s)", final, exc)
+        trash = final.parent / f".trash-{final.name}-{os.getpid()}"
+        try:
+            os.rename(final, trash)  # out of sight first, as prune does
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot move the damaged checkpoint {final} out of the way: {err}"
+            ) from err
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    raise CheckpointError(f"checkpoint {final} already exists")
+
+
+@contextlib.contextmanager
+def _writing(run_dir: str | Path, step: int) -> Iterator[Path]:
+    """:meth:`VersionedDirs.writing` for the checkpoint of ``step``: a failure becomes a
+    CheckpointError naming the directory and the disk, with nothing of the step left behind."""
+    run_dir = Path(run_dir)
+    _clear_the_way(run_dir, step)
+    final = step_dir(run_dir, step)
+    try:
+        with _checkpoints(run_dir).writing(step) as tmp:
+            yield tmp
+    except Exception as exc:
+        if final.is_dir():
+            try:
+                read_state(final)
+            except CheckpointError:
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                # Renamed into place whole; only the LATEST hint after it failed.
+                log.warning("checkpoint %s is written, but not the LATEST file: %s", final, exc)
+                return
+        raise _save_error(run_dir, step, exc) from exc
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -163,12 +302,13 @@ def save_checkpoint(
     generator: torch.Generator | None = None,
     keep: int = KEEP,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune all but the newest ``keep``."""
+    """Write the checkpoint of ``step`` atomically and prune all but the newest ``keep``.
+
+    CheckpointError, with the checkpoints before it untouched, when it cannot be written.
+    """
     checkpoints = _checkpoints(run_dir)
     final = checkpoints.path(step)
-    if final.exists():
-        raise CheckpointError(f"checkpoint {final} already exists")
-    with checkpoints.writing(step) as tmp:
+    with _writing(run_dir, step) as tmp:
         model.save_pretrained(str(tmp / MODEL_DIR), safe_serialization=True)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / MODEL_DIR))
@@ -196,13 +336,11 @@ def save_sharded_checkpoint(
 
     ``announce(tmp)`` tells the other ranks where to write their shards (they call
     :func:`write_shards` on it); the directory is renamed into place only after every rank's
-    shards and ``state.json`` are on disk.
+    shards and ``state.json`` are on disk. CheckpointError as :func:`save_checkpoint`.
     """
     checkpoints = _checkpoints(run_dir)
     final = checkpoints.path(step)
-    if final.exists():
-        raise CheckpointError(f"checkpoint {final} already exists")
-    with checkpoints.writing(step) as tmp:
+    with _writing(run_dir, step) as tmp:
         announce(tmp)
         groups = write_shards(tmp, model, optimizer)
         save_file(rng_state(generator, cuda=False), str(tmp / RNG_FILE))

@@ -57,6 +57,9 @@ STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 APPLIED_FILE = "applied.jsonl"
 WAITING_LOG_EVERY_S = 30.0
+#: Weight announcements kept on the bus (a replica needs only the newest).
+ANNOUNCEMENTS_KEPT = 64
+
 COUNTERS = (
     "groups_applied",
     "stale_dropped",
@@ -116,6 +119,9 @@ class Batch:
     corrected: set[str] = field(default_factory=set)
     dropped_ids: list[str] = field(default_factory=list)
     filtered_ids: list[str] = field(default_factory=list)
+    unscored_ids: list[str] = field(default_factory=list)
+    skipped: list[Delivery[ScoredGroup]] = field(default_factory=list)
+    """Deliveries not applied (repeats, too stale, filtered): acked with the batch's step."""
     vision: dict[str, GroupVision] = field(default_factory=dict)
 
     def add(self, d: Delivery[ScoredGroup], verdict: Verdict) -> None:
@@ -221,14 +227,13 @@ class TrainerRun:
             feeding = asyncio.create_task(self.feeder.run(), name="trainer-feeder")
             while self.state.step < cfg.trainer.steps and not self.stopping.is_set():
                 await self._one_step()
+            # No prompt goes out after the last checkpoint: its position is the last issued.
+            await _cancelled(feeding)
             if self.state.step > self.last_checkpoint:
                 await self._checkpoint()
             self._write_status("finished" if self.state.step >= cfg.trainer.steps else "stopped")
         finally:
-            if feeding is not None:
-                feeding.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeding
+            await _cancelled(feeding)
             self.publisher.close()
             await self.bus.close()
         return 0
@@ -311,6 +316,7 @@ class TrainerRun:
                 "group_ids": sorted(g.group_id for g in batch.groups),
                 "stale_dropped_ids": batch.dropped_ids,
                 "dapo_filtered_ids": batch.filtered_ids,
+                "unscored_ids": batch.unscored_ids,
             }
         )
 
@@ -361,6 +367,7 @@ class TrainerRun:
         for g in batch.groups:
             self.state.ledger.mark(g.group_id)
         self.acks.add(batch.deliveries)
+        self.acks.add(batch.skipped)
         c["groups_applied"] += len(batch.groups)
         c["stale_corrected"] += len(batch.corrected)
         self.metrics.groups_applied.inc(len(batch.groups))
@@ -416,12 +423,16 @@ class TrainerRun:
         elif verdict.action is Action.DEAD_LETTER:
             await self.bus.dead_letter(d, verdict.reason)
         else:
-            self.acks.add([d])  # at the next checkpoint, like everything applied
+            # Acked with the step at its checkpoint, like everything applied; a batch abandoned
+            # on shutdown leaves them unacknowledged, to be redelivered and judged again.
+            batch.skipped.append(d)
             if verdict.counter == "stale_dropped":
                 batch.dropped_ids.append(d.message.group_id)
                 self.metrics.stale_groups.labels(action="dropped").inc()
             elif verdict.counter == "dapo_filtered":
                 batch.filtered_ids.append(d.message.group_id)
+            elif verdict.counter == "unscored":
+                batch.unscored_ids.append(d.message.group_id)
 
     async def _see(self, g: ScoredGroup, batch: Batch) -> str | None:
         """The group's pictures into ``batch.vision``; why the group cannot be trained on
@@ -468,7 +479,20 @@ class TrainerRun:
             # A consistent snapshot: no prompt is half-issued while the position is copied.
             self.state.position = await self.feeder.position()
         snapshot = self.state.to_json()
-        await asyncio.to_thread(self.learner.save, self.run_dir, self.state.step, snapshot)
+        try:
+            await asyncio.to_thread(self.learner.save, self.run_dir, self.state.step, snapshot)
+        except ckpt.CheckpointError as exc:
+            # Stop rather than train on without a checkpoint: nothing since the last one was
+            # acknowledged, so a run resumed from it gets those groups again and loses none.
+            log.error(
+                "trainer stopping: checkpoint of step %d failed; the groups applied since "
+                "step %d were not acknowledged and will be redelivered after a restart "
+                "with --resume. %s",
+                self.state.step,
+                self.last_checkpoint,
+                exc,
+            )
+            raise
         self.last_checkpoint = self.state.step
         await self.acks.commit()
 
@@ -476,6 +500,12 @@ class TrainerRun:
         assert self.bus is not None and self.producer is not None
         b = self.config.bus
         self.metrics.in_flight.set(self.producer.budget.in_flight)
+        with contextlib.suppress(Exception):  # housekeeping must never stop training
+            # What every group has acknowledged goes: the streams stay as long as the work
+            # in flight however long the run; replicas need only the newest announcements.
+            await self.bus.trim_consumed(b.prompts_stream)
+            await self.bus.trim_consumed(b.rollouts_stream)
+            await self.bus.trim_consumed(b.weights_stream, keep_last=ANNOUNCEMENTS_KEPT)
         with contextlib.suppress(Exception):  # metrics must never stop training
             stats = [
                 await self.bus.stats(s)
@@ -497,6 +527,15 @@ class TrainerRun:
                 "updated_at": time.time(),
             },
         )
+
+
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` (if any, and not done yet) and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ def cli_run(args: argparse.Namespace, config: RunConfig) -> int:
         # On a machine the trainer shares with inference replicas, one team of threads per
         # core in each process oversubscribes the cores; the config splits them instead.
         torch.set_num_threads(config.trainer.cpu_threads)
+    from services.trainer.checkpoint import CheckpointError
     from services.trainer.loop import RunDirError, run
     from services.trainer.model import follow
 
@@ -56,6 +57,10 @@ def cli_run(args: argparse.Namespace, config: RunConfig) -> int:
         except RunDirError as exc:
             print(f"mapo trainer: {exc}", file=sys.stderr)
             code = 2
+        except CheckpointError as exc:
+            # Already logged with what happens next; the supervisor restarts with --resume.
+            print(f"mapo trainer: {exc}", file=sys.stderr)
+            return 1
         # Not on an exception: a rank may be gone, and torchrun stops the others anyway.
         distributed.current().tell(distributed.Op.STOP)
         return code

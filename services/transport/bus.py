@@ -226,6 +226,12 @@ class Bus(StreamReader):
         """Ids delivered to this process and neither acked, released nor dead-lettered."""
         return self.delivery.held.ids((stream, group))
 
+    async def trim_consumed(self, stream: str, keep_last: int = 0) -> int:
+        """Drop the entries of ``stream`` that every consumer group has acknowledged, so a
+        long run's streams stay as long as the work in flight; a stream without groups (the
+        weight announcements) keeps its newest ``keep_last``. How many entries went."""
+        return await self.streams.trim_consumed(stream, keep_last)
+
     async def dead_letter(
         self, item: Delivery[Any] | bytes, reason: str, *, stream: str = ""
     ) -> str:

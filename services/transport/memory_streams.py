@@ -246,6 +246,24 @@ class MemoryStreams(Streams):
     async def get_blob(self, key: str) -> bytes | None:
         return self.store.blobs.get(key)
 
+    async def trim_consumed(self, stream: str, keep_last: int = 0) -> int:
+        self._check_open()
+        s = self.store.streams.get(stream)
+        if s is None or not s.ids:
+            return 0
+        if not s.groups:
+            cut = max(len(s.ids) - keep_last, 0) if keep_last else 0
+        else:
+            floor = min(
+                min([id_key(i) for i in g.pending] + [(g.last_id[0], g.last_id[1] + 1)])
+                for g in s.groups.values()
+            )
+            cut = sum(1 for k in s.keys if k < floor)
+        for entry_id in s.ids[:cut]:
+            del s.fields[entry_id]
+        del s.ids[:cut], s.keys[:cut]
+        return cut
+
     async def stats(self, stream: str) -> StreamStats:
         s = self._stream(stream)
         groups = tuple(

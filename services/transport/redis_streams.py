@@ -48,6 +48,37 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Entries below the oldest one any group still needs (pending, or after its last delivered
+# id) are acknowledged by every group; one script, so no delivery can slip in between.
+_TRIM_CONSUMED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then
+  local keep = tonumber(ARGV[1])
+  if keep > 0 then return redis.call('XTRIM', KEYS[1], 'MAXLEN', keep) end
+  return 0
+end
+local function parse(id)
+  local dash = string.find(id, '-')
+  return {tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))}
+end
+local function less(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+local floor = nil
+for _, g in ipairs(groups) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  local last = parse(info['last-delivered-id'])
+  local candidate = {last[1], last[2] + 1}
+  if tonumber(info['pending']) > 0 then
+    local summary = redis.call('XPENDING', KEYS[1], info['name'])
+    local oldest = parse(summary[2])
+    if less(oldest, candidate) then candidate = oldest end
+  end
+  if floor == nil or less(candidate, floor) then floor = candidate end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', floor[1], floor[2]))
+"""
+
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, TimeoutError, ReadOnlyError, OSError)
 
 
@@ -376,6 +407,12 @@ class RedisStreams(Streams):
     async def get_blob(self, key: str) -> bytes | None:
         value = await self._call("GET", lambda: self.redis.get(key))
         return None if value is None else bytes(value)
+
+    async def trim_consumed(self, stream: str, keep_last: int = 0) -> int:
+        async def op() -> Any:
+            return await self.redis.eval(_TRIM_CONSUMED, 1, stream, keep_last)  # type: ignore[no-untyped-call]
+
+        return int(await self._call("XTRIM", op))
 
     async def stats(self, stream: str) -> StreamStats:
         async def op() -> list[Any]:

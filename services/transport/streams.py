@@ -135,6 +135,12 @@ class Streams(ABC):
         """GET ``key``; None when it does not exist."""
 
     @abstractmethod
+    async def trim_consumed(self, stream: str, keep_last: int = 0) -> int:
+        """Remove the entries every consumer group has acknowledged (below the oldest one
+        pending or undelivered in any group), atomically; a stream without groups keeps its
+        newest ``keep_last`` (0: is left as it is). How many entries went."""
+
+    @abstractmethod
     async def stats(self, stream: str) -> StreamStats:
         """XLEN and XINFO GROUPS; an absent stream has length 0 and no groups."""
 

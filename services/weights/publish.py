@@ -8,6 +8,10 @@ newest ``keep``; the announcement goes out only after the version is on disk, so
 acts on it always finds it. With ``trainer.weights_port`` set, the trainer also serves the store
 over HTTP and announces that URL, so replicas on other hosts need no shared volume.
 
+Every announcement carries the weights file's size, and with ``weights.announce_secret`` set it
+is signed (:mod:`services.weights.trust`): replicas that hold the secret refuse anything else.
+Without one the announcements go out unsigned, and the publisher says so at start-up.
+
 Versions only grow. A fresh run publishes the initial model as version 0 and then one version
 per ``publish_every`` steps (version == step with the default of 1). A resumed run publishes the
 restored model as a version above every version already in the store, because a killed run may
@@ -17,7 +21,7 @@ replicas that loaded them on weights that no longer exist.
 
 from __future__ import annotations
 
-import socket
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,8 +33,27 @@ from services.core.config import RunConfig
 from services.core.schemas import WeightAnnouncement
 from services.transport import Bus
 from services.weights.base_model import tensor_spec
-from services.weights.fetch import is_url
-from services.weights.store import WeightServer, latest_version, write_version
+from services.weights.store import (
+    WeightServer,
+    WeightStoreError,
+    latest_version,
+    read_manifest,
+    version_dir,
+    write_version,
+)
+from services.weights.trust import SHORT_KEY_CHARS, advertised_url, is_url, sign
+
+__all__ = [
+    "ShapeSpec",
+    "WeightPublisher",
+    "advertised_url",
+    "base_tensor_spec",
+    "checkpoint_state",
+    "model_names",
+    "serving_tensors",
+]
+
+log = logging.getLogger(__name__)
 
 ShapeSpec = dict[str, tuple[int, ...]]
 
@@ -83,16 +106,6 @@ def serving_tensors(
     return {name: state[name].detach().to("cpu", dtype=dtype) for name in spec}
 
 
-def advertised_url(config: RunConfig, port: int) -> str:
-    """Where replicas reach the weight server: the configured URL, else this host and port."""
-    if config.trainer.weights_url:
-        return config.trainer.weights_url.rstrip("/")
-    host = config.trainer.weights_host
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostname()
-    return f"http://{host}:{port}"
-
-
 class WeightPublisher:
     """Writes versions to the store, announces them, and serves the store over HTTP if asked."""
 
@@ -115,11 +128,26 @@ class WeightPublisher:
         self.bus = bus
         self.spec = spec
         self.dtype = dtype
+        self.key = config.weights.announce_secret
+        if not self.key:
+            log.warning(
+                "weights.announce_secret is not set: weight announcements go out unsigned "
+                "(replicas with a secret refuse them; replicas without one accept anyone's)"
+            )
+        elif len(self.key) < SHORT_KEY_CHARS:
+            log.warning(
+                "weights.announce_secret has fewer than %d characters: easy to guess",
+                SHORT_KEY_CHARS,
+            )
         self.server: WeightServer | None = None
         self.base_url: str | None = None
         if config.trainer.weights_port > 0:
             self.server = WeightServer(
-                self.store, config.trainer.weights_host, config.trainer.weights_port
+                self.store,
+                config.trainer.weights_host,
+                config.trainer.weights_port,
+                timeout_s=config.weights.server_timeout_s,
+                max_connections=config.weights.server_max_connections,
             ).start()
             self.base_url = advertised_url(config, self.server.port)
 
@@ -137,17 +165,25 @@ class WeightPublisher:
         location = self.base_url or str(directory.resolve())
         return location, sha
 
-    async def announce(self, version: int, location: str, sha: str, step: int) -> None:
-        await self.bus.publish(
-            self.stream,
-            WeightAnnouncement(
-                version=version,
-                location=location,
-                manifest_sha256=sha,
-                step=step,
-                created_at=time.time(),
-            ),
+    def announcement(self, version: int, location: str, sha: str, step: int) -> WeightAnnouncement:
+        """The announcement of a version written here: with its size, signed if there is a key."""
+        try:
+            size = read_manifest(version_dir(self.store, version), sha).file_bytes
+        except WeightStoreError as exc:  # announced all the same; replicas verify it anyway
+            log.warning("announcing version %d without its size: %s", version, exc)
+            size = 0
+        msg = WeightAnnouncement(
+            version=version,
+            location=location,
+            manifest_sha256=sha,
+            step=step,
+            created_at=time.time(),
+            file_bytes=size,
         )
+        return sign(msg, self.key) if self.key else msg
+
+    async def announce(self, version: int, location: str, sha: str, step: int) -> None:
+        await self.bus.publish(self.stream, self.announcement(version, location, sha, step))
 
     def close(self) -> None:
         if self.server is not None:

@@ -10,16 +10,20 @@ A version appears only whole (:class:`~services.weights.versions.VersionedDirs`)
 the manifest (its sha256 is what the trainer announces on the bus), the file's sha256, and that
 the safetensors header matches the manifest, before a single tensor is used. Nothing here
 unpickles anything. :class:`WeightServer` serves a store read-only over HTTP; replicas download
-from it with :func:`services.weights.fetch.fetch_version`.
+from it with :func:`services.weights.fetch.fetch_version`. The server cuts off a client that
+does not send its request within ``timeout_s`` (or stalls that long while it reads a file), and
+serves at most ``max_connections`` at once: a connection past that gets a 503 and is closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
-import shutil
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -33,10 +37,17 @@ from services.weights.versions import VersionedDirs, atomic_write_bytes, sha256_
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 CHUNK = 1 << 20
+#: A manifest larger than this is refused unread (one holds ~100 bytes per tensor).
+MAX_MANIFEST_BYTES = 32 << 20
+#: Weight server defaults (``weights.server_timeout_s``, ``weights.server_max_connections``).
+SERVER_TIMEOUT_S = 30.0
+SERVER_MAX_CONNECTIONS = 16
 # safetensors' dtype names, as the manifest spells them.
 SAFETENSORS_DTYPES = {
     "F32": "float32",
@@ -70,6 +81,10 @@ class VersionMismatch(WeightStoreError):
 
 class WeightsIncompatible(WeightStoreError):
     """A version whose tensor names or shapes differ from the model being served."""
+
+
+class WeightsTooLarge(WeightStoreError):
+    """A version larger than the replica accepts (``weights.max_version_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -247,15 +262,27 @@ def _verify_version(directory: Path, expected_sha256: str | None) -> Manifest:
         )
     if sha256_file(weights) != manifest.file_sha256:
         raise WeightsCorrupt(f"{weights} does not match its manifest sha256 (corrupt)")
+    check_tensors(weights, manifest)
+    return manifest
+
+
+def check_tensors(weights: Path, manifest: Manifest) -> None:
+    """Check that a weights file's safetensors header lists exactly the manifest's tensors."""
     header = _safetensors_header(weights)
+    if not isinstance(header, dict):
+        raise WeightStoreError(f"{weights} has a safetensors header that is not a map")
     header.pop("__metadata__", None)
-    in_file = {
-        name: TensorEntry(name, tuple(v["shape"]), SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"]))
-        for name, v in header.items()
-    }
+    try:
+        in_file = {
+            name: TensorEntry(
+                name, tuple(v["shape"]), SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"])
+            )
+            for name, v in header.items()
+        }
+    except (KeyError, TypeError) as exc:
+        raise WeightStoreError(f"{weights} has a malformed safetensors header: {exc!r}") from None
     if in_file != {t.name: t for t in manifest.tensors}:
         raise WeightStoreError(f"{weights} does not hold the tensors its manifest lists")
-    return manifest
 
 
 def check_compatible(
@@ -288,12 +315,38 @@ def load_tensors(
 
 
 class _StoreHandler(BaseHTTPRequestHandler):
-    """``GET /versions/latest`` and ``GET /versions/{n}/{manifest.json,model.safetensors}``."""
+    """``GET /versions/latest`` and ``GET /versions/{n}/{manifest.json,model.safetensors}``.
+
+    ``timeout`` bounds every socket operation (an idle client is cut off), and a timer cuts off
+    a client that has not sent its whole request head within ``timeout`` (one that trickles a
+    byte at a time would otherwise hold its thread for ever).
+    """
 
     store: Path
+    timeout: float = SERVER_TIMEOUT_S
 
     def log_message(self, format: str, *args: Any) -> None:  # silence access logs
         return
+
+    def setup(self) -> None:
+        super().setup()
+        self._head_timer = threading.Timer(self.timeout, self._cut_off)
+        self._head_timer.daemon = True
+        self._head_timer.start()
+
+    def _cut_off(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self._head_timer.cancel()
+        return ok
+
+    def finish(self) -> None:
+        self._head_timer.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def do_GET(self) -> None:
         parts = [p for p in self.path.split("?")[0].split("/") if p]
@@ -307,7 +360,9 @@ class _StoreHandler(BaseHTTPRequestHandler):
         if (
             len(parts) == 3
             and parts[0] == "versions"
+            and parts[1].isascii()
             and parts[1].isdigit()
+            and len(parts[1]) <= 10
             and parts[2] in (MANIFEST_FILE, WEIGHTS_FILE)
         ):
             path = version_dir(self.store, int(parts[1])) / parts[2]
@@ -317,11 +372,14 @@ class _StoreHandler(BaseHTTPRequestHandler):
         self._send(404, b'{"error": "not found"}', "application/json")
 
     def _send(self, code: int, body: bytes, ctype: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client went away or stalled past the timeout
+            self.close_connection = True
 
     def _send_file(self, path: Path) -> None:
         try:
@@ -331,25 +389,104 @@ class _StoreHandler(BaseHTTPRequestHandler):
             return
         with fh:
             size = os.fstat(fh.fileno()).st_size
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size))
-            self.end_headers()
-            shutil.copyfileobj(fh, self.wfile, CHUNK)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                while chunk := fh.read(CHUNK):
+                    self.wfile.write(chunk)
+            except OSError:  # the client went away or stopped reading for ``timeout``
+                self.close_connection = True
+
+
+_BUSY = b'{"error": "too many connections"}'
+_BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+    + str(len(_BUSY)).encode()
+    + b"\r\n\r\n"
+    + _BUSY
+)
+
+
+class _CappedServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them: past that, 503 and close."""
+
+    daemon_threads = True
+    block_on_close = False  # stop() must not wait for a slow client's download
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self._turn_away(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _turn_away(self, request: socket.socket) -> None:
+        # In the accepting thread, so nothing here may wait: a short non-blocking answer.
+        try:
+            request.setblocking(False)
+            with contextlib.suppress(OSError):
+                request.recv(65536)  # what the client sent already, so close() sends no RST
+            request.send(_BUSY_RESPONSE)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("weight server: request from %s failed", client_address, exc_info=True)
 
 
 class WeightServer:
-    """Serves a store read-only over HTTP so replicas on other hosts need no shared volume."""
+    """Serves a store read-only over HTTP so replicas on other hosts need no shared volume.
 
-    def __init__(self, store: str | Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        handler = type("Handler", (_StoreHandler,), {"store": Path(store)})
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+    ``timeout_s``: a client idle that long (before or during its request, or while it should
+    be reading a file) is cut off. ``max_connections``: connections served at once; one more
+    is answered 503 and closed.
+    """
+
+    def __init__(
+        self,
+        store: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout_s: float = SERVER_TIMEOUT_S,
+        max_connections: int = SERVER_MAX_CONNECTIONS,
+    ) -> None:
+        if not (timeout_s > 0 and max_connections >= 1):
+            raise ValueError("timeout_s must be > 0 and max_connections >= 1")
+        handler = type(
+            "Handler", (_StoreHandler,), {"store": Path(store), "timeout": float(timeout_s)}
+        )
+        self._server = _CappedServer((host, port), handler, max_connections)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    @property
+    def refused(self) -> int:
+        """Connections turned away (503) because ``max_connections`` were being served."""
+        return self._server.refused
 
     def start(self) -> WeightServer:
         self._thread.start()
