@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.mapo_up_runner import REPO, assert_nothing_left, run_mapo_up
+from tests.mapo_up_runner import assert_nothing_left, run_mapo_up
 
 #: RL steps of the bounded run: enough for several weight versions to reach the replica.
 E2E_STEPS = 12
@@ -27,14 +25,10 @@ TIMEOUT_S = 420
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT_S + 120)
-def test_mapo_up_trains_through_the_whole_stack_and_cleans_up(tmp_path: Path) -> None:
-    model_dir = tmp_path / "model"
-    subprocess.run(
-        [sys.executable, "-m", "services.cli", "make-model", str(model_dir), "--size", "tiny"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+def test_mapo_up_trains_through_the_whole_stack_and_cleans_up(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    model_dir = tiny_model  # mapo up only reads it: weights go to the run directory
     run_dir = tmp_path / "run"
     args = ["--run-dir", str(run_dir), "--steps", str(E2E_STEPS)]
     args += ["--set", f"model.path={model_dir}", "--set", "trainer.eval_every=6"]
@@ -51,6 +45,11 @@ def test_mapo_up_trains_through_the_whole_stack_and_cleans_up(tmp_path: Path) ->
     for key in ("initial_accuracy", "final_accuracy"):
         assert 0.0 <= summary[key] <= 1.0 and math.isfinite(summary[key])
     assert "final held-out accuracy" in out  # the summary table
+    # Nothing died, and every group issued is accounted for.
+    assert set(summary["restarts"].values()) == {0}, summary["restart_reasons"]
+    ledger = summary["ledger"]
+    assert ledger["missing"] == 0 and ledger["applied_twice"] == 0, ledger
+    assert ledger["applied"] >= E2E_STEPS * 32 and ledger["dead_lettered"] == 0, ledger
 
     # Every step was trained on groups that came through the bus from the replica, scored by
     # the reward service, and the replica followed the published weight versions.

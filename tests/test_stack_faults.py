@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,15 +52,9 @@ def _step(follower: MetricsFollower) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(TIMEOUT_S + 180)
 def test_run_completes_and_accounts_for_every_group_while_its_pieces_are_killed(
-    tmp_path: Path,
+    tmp_path: Path, tiny_model: Path
 ) -> None:
-    model_dir = tmp_path / "model"
-    subprocess.run(
-        [sys.executable, "-m", "services.cli", "make-model", str(model_dir), "--size", "tiny"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    model_dir = tiny_model  # mapo up only reads it: weights go to the run directory
     run_dir = tmp_path / "run"
     args = ["--run-dir", str(run_dir), "--steps", str(STEPS)]
     for item in (
