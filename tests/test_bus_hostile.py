@@ -287,7 +287,7 @@ def test_default_limits_admit_whatever_a_valid_run_config_produces() -> None:
     assert DEFAULT_LIMITS.max_completion_chars == DEFAULT_LIMITS.max_answer_chars == text
     largest = build_config(
         {
-            "rollout": {"group_size": 1024, "max_tokens": 65536, "temperature": 10.0},
+            "rollout": {"group_size": 1024, "max_tokens": 65536, "temperature": 2.0},
             "model": {"max_model_len": 131072},
             "reward": {"max_group": 65536, "max_completion_bytes": 16 << 20},
         }

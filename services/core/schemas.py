@@ -72,8 +72,8 @@ class WireLimits:
     max_images: int = MAX_IMAGES_PER_MESSAGE
     #: ``issued_version``, ``policy_version``, ``version`` and ``step``.
     max_version: int = (1 << 31) - 1
-    #: A prompt's sampling temperature.
-    max_temperature: float = 10.0
+    #: A prompt's sampling temperature (vLLM refuses more than 2).
+    max_temperature: float = 2.0
     #: Absolute value of a reward and of each reward term.
     max_abs_reward: float = 1e6
     #: ``created_at`` in unix seconds (about the year 2514).
